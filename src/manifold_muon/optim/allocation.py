@@ -1,0 +1,210 @@
+"""Module-wise allocation: ordered rules map parameter names to (algorithm, manifold).
+
+A preset is data: a tuple of :class:`Rule`.  ``resolve(model, preset_or_rules)``
+walks ``model.named_parameters()`` (tied parameters appear once; frozen ones are
+skipped) and gives each parameter to the *first* rule whose regex matches its
+qualified name (``re.search``) and whose ``ndim`` filter, if any, fits.  Every
+trainable parameter must be claimed exactly once, and every rule must claim at
+least one parameter: both are errors otherwise, because a silent mismatch means
+the experiment is not the one you think.
+
+Orientation: our math reads a weight as ``nn.Linear`` stores it, ``(out, in)``.
+Hugging Face GPT-2's ``Conv1D`` stores ``(in, out)``; ``resolve`` detects it and
+marks the group ``transposed=True`` so the optimizer works on ``W.mT``.  Stiefel
+and DGram are then the same constraint as on the equivalent ``nn.Linear``
+(this matters for square matrices, where "columns" are otherwise ambiguous).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .manifolds import get_manifold
+from .optimizer import ALGORITHMS, DEFAULTS, effective
+
+__all__ = ["Rule", "PRESETS", "resolve", "get_preset", "format_allocation", "allocation_records",
+           "ATTENTION", "MLP"]
+
+#: attention projections: nanoGPT / HF GPT-2 (c_attn, c_proj) and Llama (q/k/v/o_proj)
+ATTENTION = r"(attn\.(c_attn|c_proj)|self_attn\.(q_proj|k_proj|v_proj|o_proj))\.weight$"
+#: MLP / FFN projections: GPT-2 (c_fc, c_proj) and Llama SwiGLU (gate/up/down_proj)
+MLP = r"mlp\.(c_fc|c_proj|gate_proj|up_proj|down_proj)\.weight$"
+ANY = r"."
+
+# The paper's hyperparameters (reference code defaults, DESIGN.md section 4).
+ADAMW_LR, ADAMW_WD, MUON_LR = 6e-4, 0.1, 0.02
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``Rule(pattern, algorithm, manifold="none", *, ndim=None, **group_overrides)``.
+
+    ``group_overrides`` become keys of the param group (lr, weight_decay, mode, ...).
+    """
+
+    pattern: str
+    algorithm: str
+    manifold: str = "none"
+    ndim: int | None = None
+    overrides: tuple = field(default=())
+
+    def __init__(self, pattern: str, algorithm: str, manifold: str = "none", *, ndim: int | None = None,
+                 **group_overrides):
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; valid choices: {', '.join(ALGORITHMS)}")
+        get_manifold(manifold)
+        allowed = [k for k in DEFAULTS if k not in ("algorithm", "manifold", "transposed")]
+        bad = set(group_overrides) - set(allowed)
+        if bad:
+            raise ValueError(f"unknown group option(s) {sorted(bad)}; valid choices: {', '.join(allowed)}")
+        re.compile(pattern)
+        object.__setattr__(self, "pattern", pattern)
+        object.__setattr__(self, "algorithm", algorithm)
+        object.__setattr__(self, "manifold", manifold)
+        object.__setattr__(self, "ndim", ndim)
+        object.__setattr__(self, "overrides", tuple(sorted(group_overrides.items())))
+
+    def matches(self, name: str, param: torch.Tensor) -> bool:
+        return (self.ndim is None or param.ndim == self.ndim) and re.search(self.pattern, name) is not None
+
+    def describe(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.overrides)
+        nd = f", ndim={self.ndim}" if self.ndim is not None else ""
+        return f"Rule({self.pattern!r}, {self.algorithm!r}, {self.manifold!r}{nd}{extra})"
+
+
+def _muon(pattern, manifold):
+    # Unconstrained Muon keeps the paper's decoupled weight decay; manifold weights get none.
+    return Rule(pattern, "muon", manifold, lr=MUON_LR, weight_decay=ADAMW_WD if manifold == "none" else 0.0)
+
+
+def _adamw(pattern, manifold="none"):
+    return Rule(pattern, "adamw", manifold, lr=ADAMW_LR, weight_decay=0.0 if manifold != "none" else ADAMW_WD)
+
+
+# Everything the matrix rules did not claim: AdamW, decay on 2D+ only (the paper's split).
+_REST = (Rule(ANY, "adamw", ndim=1, lr=ADAMW_LR, weight_decay=0.0), Rule(ANY, "adamw", lr=ADAMW_LR, weight_decay=ADAMW_WD))
+
+
+def _split(attention, mlp):
+    """Build a preset from a rule for attention and one for the MLP."""
+    return (attention(ATTENTION), mlp(MLP)) + _REST
+
+
+PRESETS: dict[str, tuple[Rule, ...]] = {
+    # the paper's five allocations (Manifold Muon)
+    "unconstrained": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),
+    "all-stiefel": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "stiefel")),
+    "all-dgram": _split(lambda p: _muon(p, "dgram"), lambda p: _muon(p, "dgram")),
+    "hetero": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "dgram")),
+    "hetero-inv": _split(lambda p: _muon(p, "dgram"), lambda p: _muon(p, "stiefel")),
+    # the seed plan's nine
+    "baseline": _split(_adamw, _adamw),
+    "muon_all": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),
+    "muon_attention": _split(lambda p: _muon(p, "none"), _adamw),
+    "muon_ffn": _split(_adamw, lambda p: _muon(p, "none")),
+    "stiefel_all": _split(lambda p: _adamw(p, "stiefel"), lambda p: _adamw(p, "stiefel")),
+    "stiefel_attention": _split(lambda p: _adamw(p, "stiefel"), _adamw),
+    "stiefel_ffn": _split(_adamw, lambda p: _adamw(p, "stiefel")),
+    "spectral_all": _split(lambda p: _adamw(p, "spectral"), lambda p: _adamw(p, "spectral")),
+    "manifold_muon": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "stiefel")),
+}
+
+PAPER_ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
+
+
+def get_preset(name: str) -> tuple[Rule, ...]:
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown allocation preset {name!r}; valid choices: {', '.join(PRESETS)}") from None
+
+
+def _is_transposed_storage(module: torch.nn.Module) -> bool:
+    # Hugging Face's Conv1D (GPT-2) stores (in, out); identified by name so that
+    # transformers stays an optional dependency.
+    return type(module).__name__ == "Conv1D"
+
+
+def _owner_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    owners = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module
+    return owners
+
+
+def resolve(model: torch.nn.Module, preset_or_rules, **overrides) -> list[dict]:
+    """Param groups for :class:`ManifoldMuon`, one per (rule, orientation).
+
+    ``preset_or_rules`` is a preset name or a sequence of :class:`Rule`.  ``overrides``
+    are applied to every group (e.g. ``mode="paper"``).  Each group carries ``names``
+    (the qualified parameter names) and ``rule`` (its description) for the table.
+    """
+    rules = get_preset(preset_or_rules) if isinstance(preset_or_rules, str) else tuple(preset_or_rules)
+    if not rules or not all(isinstance(r, Rule) for r in rules):
+        raise ValueError("preset_or_rules must be a preset name or a non-empty sequence of Rule; "
+                         f"valid presets: {', '.join(PRESETS)}")
+    owners = _owner_modules(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    claimed = [0] * len(rules)
+    unclaimed = []
+    for name, param in model.named_parameters():  # tied parameters are yielded once
+        if not param.requires_grad:
+            continue
+        index = next((i for i, r in enumerate(rules) if r.matches(name, param)), None)
+        if index is None:
+            unclaimed.append(name)
+            continue
+        rule = rules[index]
+        if rule.manifold != "none" and param.ndim != 2:
+            raise ValueError(f"rule {rule.describe()} puts manifold {rule.manifold!r} on {name!r} of shape "
+                             f"{tuple(param.shape)}; manifolds need 2D weights. Valid manifolds for it: 'none'")
+        claimed[index] += 1
+        transposed = _is_transposed_storage(owners[name])
+        group = groups.setdefault((index, transposed), {
+            "params": [], "names": [], "algorithm": rule.algorithm, "manifold": rule.manifold,
+            "transposed": transposed, "rule": rule.describe(), **dict(rule.overrides), **overrides})
+        group["params"].append(param)
+        group["names"].append(name)
+    if unclaimed:
+        raise ValueError(f"no rule claims parameter(s) {unclaimed[:8]}{' ...' if len(unclaimed) > 8 else ''}; "
+                         "add a catch-all rule such as Rule('.', 'adamw')")
+    idle = [rules[i].describe() for i, n in enumerate(claimed) if n == 0]
+    if idle:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        raise ValueError(f"rule(s) {idle} match no parameter (or only ones an earlier rule claimed); "
+                         f"valid names include: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+    return [groups[k] for k in sorted(groups)]
+
+
+def allocation_records(groups: list[dict]) -> list[dict]:
+    """One JSON-ready row per parameter: name, shape, algorithm, manifold, lr, weight decay, rule."""
+    rows = []
+    for g in groups:
+        for name, p in zip(g.get("names", []), g["params"]):
+            rows.append({"name": name, "shape": list(p.shape), "algorithm": g["algorithm"],
+                         "manifold": g["manifold"], "transposed": g.get("transposed", False),
+                         "lr": effective(g, "lr"), "weight_decay": effective(g, "weight_decay"),
+                         "rule": g.get("rule", "")})
+    return rows
+
+
+def format_allocation(groups: list[dict]) -> str:
+    """The resolved table as aligned text (print it, save it with the run)."""
+    rows = allocation_records(groups)
+    header = ("parameter", "shape", "algorithm", "manifold", "lr", "wd")
+    body = [(r["name"], "x".join(map(str, r["shape"])) + (" (in,out)" if r["transposed"] else ""),
+             r["algorithm"], r["manifold"], f"{r['lr']:g}", f"{r['weight_decay']:g}") for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def save_allocation(groups: list[dict], path) -> None:
+    with open(path, "w") as f:
+        json.dump(allocation_records(groups), f, indent=1)
+

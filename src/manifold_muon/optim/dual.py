@@ -1,0 +1,261 @@
+"""The Manifold Muon direction: the steepest unit-spectral-norm tangent direction.
+
+Problem (tall ``W``, ``m >= n``; wide inputs are transposed in and out)::
+
+    max_A <G, A>   s.t.  ||A||_2 <= 1,   P(W^T A + A^T W) = 0
+
+Its Lagrangian is linear in A, so for a multiplier ``Lam`` the maximiser is
+``A(Lam) = msign(G + 2 W P(sym(Lam)))`` and the dual function is the nuclear
+norm ``||G + 2 W P(sym(Lam))||_*``.  Dual ascent walks ``Lam`` down the dual's
+gradient, which is the tangent violation ``H = P(W^T A + A^T W)``.
+
+Two modes:
+
+* ``"paper"`` reproduces the reference code exactly: unnormalised G, warm start
+  ``-1/4 P(W^T G + G^T W)``, ``steps=20`` updates with step ``alpha (1 - k/steps)``
+  (``alpha=0.1``), bf16 Polar Express, an early exit when ``RMS(H) < 1e-6``
+  (which in bf16 practically never fires), and it returns the ``A`` of the last
+  inner iteration as it stands, without repair.
+* ``"improved"`` (default):
+    - scale-free: ``G`` is divided by its RMS singular value ``||G||_F / sqrt(n)``,
+      so ``alpha`` means the same for every gradient scale (the paper's effective
+      step is ``alpha / ||G||`` and wrecks the warm start for small momenta);
+    - the warm start is the exact tangent projection ``G - W S`` with
+      ``S_ij = (W^T G + G^T W)_ij / (k_i + k_j)``, ``k = diag(W^T W)``; this equals
+      the paper's only where ``k = 1`` (Stiefel, Oblique);
+    - square Stiefel runs no dual steps: ``msign`` of the projected gradient is
+      already tangent (``W^T A`` is skew) and attains the dual bound;
+    - it stops when the scale-free violation ``RMS(H_ij / (d_i + d_j))``
+      (``d`` = column norms) is below ``tol`` for every matrix of the stack;
+    - a final *repair*: the exact tangent projection of ``A`` and a rescale to
+      spectral norm <= 1.  This makes the result feasible to rounding whatever
+      the dual reached.  It is what handles square DGram, where every
+      ``msign`` output is orthogonal and no multiplier makes it tangent: there the
+      repair *is* the answer (projected dual-ascent direction, rescaled).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .manifolds import Manifold, as_tall, get_manifold, gram_diag_solve, sym
+from .msign import msign
+
+__all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES",
+           "alignment", "spectral_norm"]
+
+DIRECTION_MODES = ("paper", "improved")
+PAPER_DEFAULTS = dict(steps=20, alpha=0.1, tol=1e-6)
+IMPROVED_DEFAULTS = dict(steps=64, alpha=0.05, tol=2e-4)
+
+
+@dataclass
+class DirectionResult:
+    """What the solver found.  Tensors are per matrix of the stack."""
+
+    direction: torch.Tensor          # A, same shape and orientation as G
+    dual: torch.Tensor | None        # final multiplier (tall n x n; improved mode: in units of normalised G)
+    steps_taken: int
+    violation_start: torch.Tensor    # tangent violation RMS(P(sym(W^T A))) of the warm start's A
+    violation_end: torch.Tensor      # ... of the returned A
+
+
+def alignment(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``<G, A> / ||G||_*`` per matrix: 1 for Muon's unconstrained optimum."""
+    nuclear = torch.linalg.matrix_norm(g.float(), ord="nuc")
+    return (g.float() * a.float()).sum(dim=(-2, -1)) / nuclear.clamp(min=1e-30)
+
+
+def spectral_norm(a: torch.Tensor) -> torch.Tensor:
+    """``||A||_2`` per matrix, from the eigenvalues of the small Gram (cheaper than an SVD)."""
+    at, _ = as_tall(a)
+    work = at if at.dtype == torch.float64 else at.float()
+    return torch.linalg.eigvalsh(work.mT @ work)[..., -1].clamp(min=0).sqrt().to(a.dtype)
+
+
+def _scaled_violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Scale-free tangent violation: ``RMS(H_ij / (d_i + d_j))``, ``d`` the column norms of tall W."""
+    d = w.norm(dim=-2)
+    h = manifold.project(w.mT @ a + a.mT @ w)
+    return (h / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp(min=1e-30)).pow(2).mean(dim=(-2, -1)).sqrt()
+
+
+def _violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return manifold.project(sym(w.mT @ a)).pow(2).mean(dim=(-2, -1)).sqrt()
+
+
+def _paper(manifold, w, g, steps, alpha, tol, method):
+    project = manifold.project
+    lam = -0.25 * project(w.mT @ g + g.mT @ w)
+    a, violation_start, taken = None, None, 0
+    for k in range(steps):
+        a = msign(g + 2 * w @ project(sym(lam)), method, dtype=torch.bfloat16).to(g.dtype)
+        h = project(w.mT @ a + a.mT @ w)
+        if violation_start is None:
+            violation_start = _violation(manifold, w, a)
+        taken = k + 1
+        if h.pow(2).mean().sqrt() < tol:   # the reference's (batch-wide) absolute test
+            break
+        lam = lam - alpha * (1 - k / steps) * h
+    if a is None:  # steps == 0: the warm start's direction
+        a = msign(g + 2 * w @ project(sym(lam)), method, dtype=torch.bfloat16).to(g.dtype)
+        violation_start = _violation(manifold, w, a)
+    return a, lam, taken, violation_start
+
+
+def _bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-matrix Frobenius inner product, shaped to broadcast against the stack."""
+    return (x * y).sum(dim=(-2, -1), keepdim=True)
+
+
+class _NuclearDual:
+    """The dual ``f(S) = ||G + W S||_*`` over symmetric ``S = P(S)``, with its gradient.
+
+    ``f(S) = <X, msign(X)>`` and ``grad f(S) = P(sym(W^T msign(X)))``, so one msign gives
+    the value, the gradient and the primal candidate ``A = msign(X)``.
+    """
+
+    def __init__(self, manifold, w, g, method, dtype):
+        self.manifold, self.w, self.g, self.method, self.dtype = manifold, w, g, method, dtype
+        self.evaluations = 0
+
+    def __call__(self, s):
+        x = self.g + self.w @ s
+        a = msign(x, self.method, dtype=self.dtype).to(x.dtype)
+        self.evaluations += 1
+        return _bdot(x, a), self.manifold.project(sym(self.w.mT @ a)), a
+
+
+def _lbfgs_direction(dual: _NuclearDual, s, steps, alpha, tol, history=10, backtracks=8):
+    """Minimise the nuclear-norm dual by L-BFGS with per-matrix Armijo backtracking.
+
+    Why not the paper's annealed gradient steps: at the optimum ``X`` typically has
+    singular values ~1e-3 of its largest, msign's sensitivity is ~1/sigma, and a
+    fixed step either crawls or oscillates.  Curvature pairs adapt the step per
+    direction.  Every scalar is per matrix, so a stack is solved as independent problems.
+    """
+    manifold, w = dual.manifold, dual.w
+    f, grad, a = dual(s)
+    violation_start = _violation(manifold, w, a)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    gamma = torch.full_like(f, alpha)
+    taken = 0
+    for _ in range(steps):
+        if bool((_scaled_violation(manifold, w, a) < tol).all()):
+            break
+        taken += 1
+        q, coeffs = grad.clone(), []
+        for sk, yk, rho in reversed(pairs):  # L-BFGS two-loop recursion
+            c = rho * _bdot(sk, q)
+            coeffs.append(c)
+            q = q - c * yk
+        q = gamma * q
+        for (sk, yk, rho), c in zip(pairs, reversed(coeffs)):
+            q = q + sk * (c - rho * _bdot(yk, q))
+        d = -q
+        slope = _bdot(grad, d)
+        t = torch.ones_like(f)
+        accepted = torch.zeros_like(f, dtype=torch.bool)
+        s_new, f_new, g_new, a_new = s, f, grad, a
+        for _ in range(backtracks):
+            s_try = s + t * d
+            f_try, g_try, a_try = dual(s_try)
+            ok = (f_try <= f + 1e-4 * t * slope) & ~accepted
+            s_new, f_new = torch.where(ok, s_try, s_new), torch.where(ok, f_try, f_new)
+            g_new, a_new = torch.where(ok, g_try, g_new), torch.where(ok, a_try, a_new)
+            accepted |= ok
+            if bool(accepted.all()):
+                break
+            t = torch.where(accepted, t, 0.5 * t)
+        sk, yk = s_new - s, g_new - grad
+        sy = _bdot(sk, yk)
+        valid = sy > 1e-12 * _bdot(sk, sk).clamp(min=1e-30)
+        rho = torch.where(valid, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
+        pairs.append((torch.where(valid, sk, 0.0), torch.where(valid, yk, 0.0), rho))
+        pairs = pairs[-history:]
+        gamma = torch.where(valid, sy / _bdot(yk, yk).clamp(min=1e-30), gamma)
+        s, f, grad, a = s_new, f_new, g_new, a_new
+    return a, s, taken, violation_start
+
+
+def _improved(manifold, w, g, steps, alpha, tol, method, dtype, dual_init):
+    n = w.shape[-1]
+    scale = g.norm(dim=(-2, -1), keepdim=True) / math.sqrt(n)
+    g = g / scale.clamp(min=1e-30)
+    if dual_init is not None:
+        s = manifold.project(sym(dual_init.to(g.dtype)))
+    else:  # exact tangent projection of G: X0 = G - W S0 is tangent
+        s = -gram_diag_solve(manifold.project(w.mT @ g + g.mT @ w), w.pow(2).sum(dim=-2))
+    if manifold.name == "stiefel" and w.shape[-2] == n:
+        steps = 0   # square Stiefel: the warm start attains the dual bound
+    a, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, method, dtype),
+                                                    s, steps, alpha, tol)
+    # Repair: exact tangent projection, then keep the spectral norm at most 1.
+    a = a - w @ manifold.normal_coefficients(w, a)
+    # The factor 1 + 1e-6 absorbs the Gram's float32 rounding so the bound holds strictly.
+    a = a / (spectral_norm(a) * (1 + 1e-6)).clamp(min=1.0)[..., None, None]
+    return a, s, taken, violation_start
+
+
+@torch.no_grad()
+def solve_direction(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    manifold: str | Manifold,
+    *,
+    mode: str = "improved",
+    steps: int | None = None,
+    alpha: float | None = None,
+    tol: float | None = None,
+    msign_method: str = "polar_express",
+    dtype: torch.dtype | None = None,
+    dual_init: torch.Tensor | None = None,
+) -> DirectionResult:
+    """Solve for the Manifold Muon direction and report how well it was solved.
+
+    ``W`` and ``G`` have the same shape ``(..., m, n)``.  Defaults depend on ``mode``
+    (paper: steps 20, alpha 0.1, tol 1e-6; improved: see ``IMPROVED_DEFAULTS``).
+    ``dtype`` is the compute dtype of the improved mode (default float32; paper mode is
+    always bf16 inside msign, as the reference).  ``dual_init`` warm-starts the
+    multiplier (improved mode, tall ``n x n``), e.g. with the previous step's ``dual``.
+    """
+    if mode not in DIRECTION_MODES:
+        raise ValueError(f"unknown direction mode {mode!r}; valid choices: {', '.join(DIRECTION_MODES)}")
+    if W.shape != G.shape:
+        raise ValueError(f"W and G must have the same shape, got {tuple(W.shape)} and {tuple(G.shape)}")
+    manifold = get_manifold(manifold)
+    defaults = PAPER_DEFAULTS if mode == "paper" else IMPROVED_DEFAULTS
+    steps = defaults["steps"] if steps is None else int(steps)
+    alpha = defaults["alpha"] if alpha is None else float(alpha)
+    tol = defaults["tol"] if tol is None else float(tol)
+
+    if not manifold.has_dual:  # none / spectral ball: plain Muon direction
+        bf16 = mode == "paper"
+        a = msign(G, msign_method, dtype=torch.bfloat16 if bf16 else dtype or torch.float32)
+        zero = torch.zeros(G.shape[:-2], device=G.device)
+        return DirectionResult(a, None, 0, zero, zero)
+
+    work = torch.float64 if G.dtype == torch.float64 else torch.float32
+    w, wide = as_tall(W.to(work))
+    g = (G.mT if wide else G).to(work)
+    if mode == "paper":
+        a, lam, taken, v0 = _paper(manifold, w, g, steps, alpha, tol, msign_method)
+    else:
+        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, msign_method,
+                                      dtype or work, dual_init)
+    v1 = _violation(manifold, w, a)
+    a = a.mT if wide else a
+    return DirectionResult(a.to(G.dtype), lam, taken, v0, v1)
+
+
+def manifold_direction(W, G, manifold, *, mode: str = "improved", steps=None, alpha=None, tol=None,
+                       **kwargs) -> torch.Tensor:
+    """The Manifold Muon direction ``A`` (same shape as ``G``); the update is ``W - lr * A``.
+
+    ``A`` has spectral norm <= 1, is tangent to the manifold at ``W`` and satisfies
+    ``<G, A> > 0``.  See :func:`solve_direction` for the options and the module
+    docstring for the two modes.
+    """
+    return solve_direction(W, G, manifold, mode=mode, steps=steps, alpha=alpha, tol=tol, **kwargs).direction

@@ -1,0 +1,233 @@
+"""Matrix manifolds ``{W : P(W^T W) = P(I)}`` and the spectral-norm ball.
+
+Each manifold is a small frozen object with pure methods.  Conventions:
+
+* Matrices are handled *tall* (``m >= n``); every public method accepts wide
+  matrices and stacks ``(..., m, n)`` and transposes internally (the paper's
+  convention), so callers never have to.
+* ``P`` is a self-adjoint projector on symmetric ``n x n`` matrices:
+  identity (Stiefel), ``Off`` (DGram: zero the diagonal), ``Diag`` (Oblique).
+  The tangent space at ``W`` is ``{A : P(W^T A + A^T W) = 0}`` and the normal
+  space is ``{W S : S symmetric, S = P(S)}``.
+* ``residual`` is scale-free, so one tolerance serves every manifold: the RMS,
+  over the entries ``P`` selects, of the Gram violation after normalising the
+  Gram by the column norms where the manifold leaves them free (DGram).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .msign import msign
+
+__all__ = ["Manifold", "get_manifold", "MANIFOLDS", "as_tall", "gram_diag_solve", "sym"]
+
+
+def sym(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (x + x.mT)
+
+
+def as_tall(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Return ``x`` transposed if wide (paper convention), and whether it was."""
+    wide = x.shape[-2] < x.shape[-1]
+    return (x.mT if wide else x), wide
+
+
+def _untall(x: torch.Tensor, wide: bool) -> torch.Tensor:
+    return x.mT if wide else x
+
+
+def _eye_like(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def gram_diag_solve(rhs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Solve ``K S + S K = rhs`` for ``K = diag(k)``: ``S_ij = rhs_ij / (k_i + k_j)``.
+
+    On every manifold here the Gram ``W^T W`` is diagonal, which makes the
+    normal-space component of a matrix this closed-form divide.
+    """
+    denom = k.unsqueeze(-1) + k.unsqueeze(-2)
+    return rhs / denom.clamp(min=torch.finfo(rhs.dtype).tiny)
+
+
+@dataclass(frozen=True)
+class Manifold:
+    """Base: no constraint.  Subclasses override ``project`` and ``_retract_tall``."""
+
+    name: str = "none"
+    #: True where the dual-ascent direction solver applies (P is not zero).
+    has_dual: bool = False
+
+    # ---- projector on symmetric n x n matrices -------------------------------------------
+    def project(self, s: torch.Tensor) -> torch.Tensor:
+        """The self-adjoint projector P."""
+        return torch.zeros_like(s)
+
+    # ---- tangent space -----------------------------------------------------------------
+    def tangent_violation(self, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``RMS(P(sym(W^T A)))`` per matrix: 0 exactly when A is tangent at W."""
+        wt, wide = as_tall(w)
+        at = _untall(a, wide)
+        h = self.project(sym(wt.mT @ at))
+        return h.pow(2).mean(dim=(-2, -1)).sqrt()
+
+    def normal_coefficients(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Tall ``W, G`` -> symmetric ``S = P(S)`` with ``G - W S`` tangent (exact on the manifold)."""
+        k = w.pow(2).sum(dim=-2)
+        return gram_diag_solve(self.project(wt_g_sym2(w, g)), k)
+
+    def tangent_project(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Orthogonal (Frobenius) projection of G onto the tangent space at W."""
+        if not self.has_dual:
+            return g
+        wt, wide = as_tall(w)
+        gt = _untall(g, wide)
+        return _untall(gt - wt @ self.normal_coefficients(wt, gt), wide)
+
+    # ---- retraction, init, residual ----------------------------------------------------------
+    def retract(self, w: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
+        """Map a point near the manifold onto it (identity on points already there).
+
+        ``exact=True`` uses SVDs instead of matmul iterations: slower, but safe for
+        arbitrary, badly conditioned inputs (it is what ``init`` uses)."""
+        wt, wide = as_tall(w)
+        return _untall(self._retract_tall(wt, exact), wide)
+
+    def _retract_tall(self, w: torch.Tensor, exact: bool) -> torch.Tensor:
+        return w
+
+    def init(self, w: torch.Tensor) -> torch.Tensor:
+        """Project an arbitrary initialisation onto the manifold (computed in float32 or better)."""
+        work = w if w.dtype == torch.float64 else w.float()
+        return self.retract(work, exact=True).to(w.dtype)
+
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        """Scale-free distance from the manifold, per matrix (0 on it)."""
+        return torch.zeros(w.shape[:-2], dtype=w.dtype, device=w.device)
+
+
+def wt_g_sym2(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``W^T G + G^T W`` for tall W, G."""
+    c = w.mT @ g
+    return c + c.mT
+
+
+def _polar(w: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Polar factor for retractions: SVD when ``exact`` (init), else Polar Express in
+    float32 (float64 for float64 input), which lands within ~1e-6 of the SVD factor
+    for points near the manifold and is matmul-only."""
+    if exact:
+        return msign(w, "svd")
+    return msign(w, "polar_express", dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
+
+
+@dataclass(frozen=True)
+class Stiefel(Manifold):
+    """``W^T W = I``: every singular value is 1.  Retraction: the polar factor."""
+
+    name: str = "stiefel"
+    has_dual: bool = True
+
+    def project(self, s):
+        return s
+
+    def _retract_tall(self, w, exact):
+        return _polar(w, exact).to(w.dtype)
+
+    def residual(self, w):
+        wt, _ = as_tall(w)
+        gram = wt.mT @ wt
+        return (gram - _eye_like(gram.shape[-1], gram)).pow(2).mean(dim=(-2, -1)).sqrt()
+
+
+@dataclass(frozen=True)
+class DGram(Manifold):
+    """``Off(W^T W) = 0``: orthogonal columns of free norms (singular values = column norms).
+
+    ``retraction="polar_colnorm"`` (default) is ``msign(W) * colnorms(W)``: no SVD, and
+    exactly the identity on DGram points (their polar factor is ``W diag(1/|w_j|)``).
+    ``retraction="svd"`` is the paper's ``U V^T diag(S)``; it assigns the j-th largest
+    singular value to the j-th column, so it permutes column norms that are not sorted.
+    """
+
+    name: str = "dgram"
+    has_dual: bool = True
+    retraction: str = "polar_colnorm"
+
+    def __post_init__(self):
+        if self.retraction not in ("polar_colnorm", "svd"):
+            raise ValueError(f"unknown DGram retraction {self.retraction!r}; valid choices: polar_colnorm, svd")
+
+    def project(self, s):
+        return s * (1 - _eye_like(s.shape[-1], s))
+
+    def _retract_tall(self, w, exact):
+        if self.retraction == "svd":
+            work = w if w.dtype == torch.float64 else w.float()
+            u, s, vh = torch.linalg.svd(work, full_matrices=False)
+            return ((u @ vh) * s.unsqueeze(-2)).to(w.dtype)
+        return (_polar(w, exact) * w.norm(dim=-2, keepdim=True)).to(w.dtype)
+
+    def residual(self, w):
+        wt, _ = as_tall(w)
+        gram = wt.mT @ wt
+        d = gram.diagonal(dim1=-2, dim2=-1).clamp(min=torch.finfo(w.dtype).tiny).rsqrt()
+        cosines = gram * d.unsqueeze(-1) * d.unsqueeze(-2)
+        return self.project(cosines).pow(2).mean(dim=(-2, -1)).sqrt()
+
+
+@dataclass(frozen=True)
+class Oblique(Manifold):
+    """``diag(W^T W) = 1``: unit-norm columns.  Retraction: normalise columns."""
+
+    name: str = "oblique"
+    has_dual: bool = True
+
+    def project(self, s):
+        return torch.diag_embed(s.diagonal(dim1=-2, dim2=-1))
+
+    def _retract_tall(self, w, exact):
+        return w / w.norm(dim=-2, keepdim=True).clamp(min=1e-12)
+
+    def residual(self, w):
+        wt, _ = as_tall(w)
+        return (wt.pow(2).sum(dim=-2) - 1).pow(2).mean(dim=-1).sqrt()
+
+
+@dataclass(frozen=True)
+class SpectralBall(Manifold):
+    """``sigma_max(W) <= 1``: a convex set, not a manifold; its interior has every direction
+    as tangent, so the direction is plain Muon and the retraction clips singular values."""
+
+    name: str = "spectral"
+
+    def _retract_tall(self, w, exact):
+        work = w if w.dtype == torch.float64 else w.float()
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        return ((u * s.clamp(max=1.0).unsqueeze(-2)) @ vh).to(w.dtype)
+
+    def residual(self, w):
+        work = w if w.dtype == torch.float64 else w.float()
+        return (torch.linalg.matrix_norm(work, ord=2) - 1).clamp(min=0).to(w.dtype)
+
+
+MANIFOLDS = {
+    "none": Manifold(),
+    "stiefel": Stiefel(),
+    "dgram": DGram(),
+    "dgram-svd": DGram(name="dgram-svd", retraction="svd"),
+    "oblique": Oblique(),
+    "spectral": SpectralBall(),
+}
+
+
+def get_manifold(name: str | Manifold) -> Manifold:
+    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, oblique, spectral``)."""
+    if isinstance(name, Manifold):
+        return name
+    try:
+        return MANIFOLDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown manifold {name!r}; valid choices: {', '.join(MANIFOLDS)}") from None

@@ -1,0 +1,245 @@
+"""``ManifoldMuon``: one optimizer object for the whole model.
+
+Each param group is plain data (strings and numbers only, so ``state_dict`` loads
+under ``torch.load(weights_only=True)``):
+
+==================  =====================================================================
+key                 meaning
+==================  =====================================================================
+``algorithm``       ``"muon"`` (2D only) or ``"adamw"``
+``manifold``        ``none | stiefel | dgram | dgram-svd | oblique | spectral``
+``lr``              learning rate (Muon: step length in spectral norm); default 0.02 for
+                    Muon, 1e-3 for AdamW (torch's)
+``weight_decay``    decoupled: ``p <- p (1 - lr wd)`` before the update; default 0 for
+                    Muon, 0.01 for AdamW (torch's)
+``momentum``        Muon momentum ``beta`` (default 0.95)
+``nesterov``        Muon: use the Nesterov combination (default True)
+``mode``            Manifold Muon direction solver: ``"improved"`` or ``"paper"``
+``dual_steps``,     direction-solver settings (``None``: the mode's default,
+``dual_alpha``,     see :mod:`manifold_muon.optim.dual`)
+``dual_tol``
+``carry_dual``      improved mode: warm-start the dual multiplier from the previous step
+                    (default True; momentum moves slowly, so the solve restarts close
+                    to its optimum and stops early; the multiplier is saved in the state)
+``msign_method``    ``polar_express | newton_schulz | svd``
+``msign_dtype``     ``"bfloat16" | "float32" | None`` (None: bf16 in paper mode, else float32)
+``adjust_lr``       Muon lr shape scaling as ``torch.optim.Muon``'s ``adjust_lr_fn``:
+                    ``None`` (the paper: none), ``"original"``, ``"match_rms_adamw"``
+``betas``, ``eps``  AdamW
+``transposed``      the weight is stored ``(in, out)`` (HF ``Conv1D``): the math sees ``W.mT``
+==================  =====================================================================
+
+Groups may carry extra plain-data keys (``resolve`` adds ``names`` and ``rule``).
+
+Muon momentum is the reference code's *sum* form::
+
+    buf <- beta * buf + g ;   G = g + beta * buf      (Nesterov)
+
+``torch.optim.Muon`` keeps an EMA instead (``buf <- beta buf + (1 - beta) g`` and
+``G = g + beta (buf - g)``), which is exactly ``(1 - beta)`` times ours.  msign is
+scale-invariant, so the two produce the same update up to rounding; only the
+momentum buffers in their states differ by that factor.
+
+Manifold groups take ``A = manifold_direction(W, G)``, then ``W <- retract(W - lr A)``
+(the retraction last); their weight decay defaults to 0 in the presets.  An ``"adamw"``
+group with a manifold takes torch's AdamW step and then retracts: the seed plan's
+"wrap any optimizer".
+
+Weights start on their manifold: the constructor projects every managed parameter
+onto its manifold with ``Manifold.init`` (an exact, SVD-based projection) under
+``torch.no_grad``.  Pass ``project_init=False`` when the weights are already there,
+e.g. right before loading a checkpoint.
+
+The optimizer never writes to ``p.grad``.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch.optim.adam import adam as _torch_adam
+
+from .dual import DIRECTION_MODES, solve_direction
+from .manifolds import get_manifold
+from .msign import MSIGN_METHODS, msign
+
+__all__ = ["ManifoldMuon", "ALGORITHMS"]
+
+ALGORITHMS = ("muon", "adamw")
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_ADJUST_LR = (None, "original", "match_rms_adamw")
+
+DEFAULTS = dict(
+    algorithm="muon", manifold="none", lr=None, weight_decay=None, momentum=0.95, nesterov=True,
+    mode="improved", dual_steps=None, dual_alpha=None, dual_tol=None, carry_dual=True,
+    msign_method="polar_express", msign_dtype=None, adjust_lr=None,
+    betas=(0.9, 0.95), eps=1e-8, transposed=False,
+)
+
+
+# lr and weight decay default by algorithm (the reference's Muon; torch.optim.AdamW's own).
+ALGORITHM_DEFAULTS = {"muon": dict(lr=0.02, weight_decay=0.0), "adamw": dict(lr=1e-3, weight_decay=0.01)}
+
+
+def effective(group: dict, key: str):
+    """A group's setting as the optimizer will use it (its own, else the algorithm's default)."""
+    value = group.get(key)
+    if value is None and key in ("lr", "weight_decay"):
+        return ALGORITHM_DEFAULTS.get(group.get("algorithm", "muon"), {}).get(key)
+    return DEFAULTS.get(key) if value is None and key not in group else value
+
+
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, choices))}")
+
+
+def _lr_scale(adjust: str | None, shape: torch.Size) -> float:
+    rows, cols = shape[-2], shape[-1]
+    if adjust == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+def _oriented(p: torch.Tensor, group) -> torch.Tensor:
+    """The weight as ``(out, in)``: a transposed view for ``(in, out)`` storage."""
+    return p.mT if group["transposed"] else p
+
+
+def _msign_dtype(group) -> torch.dtype:
+    if group["msign_dtype"] is not None:
+        return _DTYPES[group["msign_dtype"]]
+    return torch.bfloat16 if group["mode"] == "paper" else torch.float32
+
+
+class ManifoldMuon(torch.optim.Optimizer):
+    """Muon, Manifold Muon and AdamW, chosen per param group (see the module docstring)."""
+
+    def __init__(self, params, *, project_init: bool = True, **defaults):
+        unknown = set(defaults) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown ManifoldMuon option(s) {sorted(unknown)}; valid: {', '.join(DEFAULTS)}")
+        super().__init__(params, {**DEFAULTS, **defaults})
+        for group in self.param_groups:
+            self._fill_algorithm_defaults(group)
+            self._validate(group)
+        if project_init:
+            self.project_to_manifolds()
+
+    @staticmethod
+    def _fill_algorithm_defaults(group):
+        for key in ("lr", "weight_decay"):
+            group[key] = effective(group, key)
+
+    @staticmethod
+    def _validate(group):
+        _check_choice("algorithm", group["algorithm"], ALGORITHMS)
+        manifold = get_manifold(group["manifold"])  # raises with the valid choices
+        _check_choice("direction mode", group["mode"], DIRECTION_MODES)
+        _check_choice("msign method", group["msign_method"], MSIGN_METHODS)
+        _check_choice("msign dtype", group["msign_dtype"], (None, *_DTYPES))
+        _check_choice("adjust_lr", group["adjust_lr"], _ADJUST_LR)
+        if group["lr"] < 0 or group["weight_decay"] < 0 or not 0 <= group["momentum"] < 1:
+            raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got lr={group['lr']}, "
+                             f"weight_decay={group['weight_decay']}, momentum={group['momentum']}")
+        for p in group["params"]:
+            if (group["algorithm"] == "muon" or manifold.name != "none") and p.ndim != 2:
+                raise ValueError(f"algorithm={group['algorithm']!r}, manifold={manifold.name!r} needs 2D "
+                                 f"parameters, got shape {tuple(p.shape)}; use algorithm='adamw', manifold='none'")
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._fill_algorithm_defaults(self.param_groups[-1])
+        self._validate(self.param_groups[-1])
+
+    @torch.no_grad()
+    def project_to_manifolds(self):
+        """Put every manifold-managed parameter on its manifold (exact projection)."""
+        for group in self.param_groups:
+            manifold = get_manifold(group["manifold"])
+            if manifold.name != "none":
+                for p in group["params"]:
+                    _oriented(p, group).copy_(manifold.init(_oriented(p, group)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["algorithm"] == "adamw":
+                self._adamw(group, params)
+            else:
+                self._muon(group, params)
+        return loss
+
+    # ---- AdamW: torch's own functional implementation ----------------------------------------
+    def _adamw(self, group, params):
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("ManifoldMuon does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, decoupled_weight_decay=True,
+                    amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        manifold = get_manifold(group["manifold"])
+        if manifold.name != "none":  # "wrap any optimizer": AdamW step, then retract
+            for p in params:
+                _oriented(p, group).copy_(manifold.retract(_oriented(p, group)))
+
+    # ---- Muon and Manifold Muon ---------------------------------------------------------------
+    def _momentum_direction(self, group, p) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        return p.grad + group["momentum"] * buf if group["nesterov"] else buf.clone()
+
+    def _muon(self, group, params):
+        manifold = get_manifold(group["manifold"])
+        lr, wd = group["lr"], group["weight_decay"]
+        by_shape = defaultdict(list)  # batch same-shape matrices through one solve
+        for p in params:
+            by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
+        for batch in by_shape.values():
+            g = torch.stack([_oriented(self._momentum_direction(group, p), group) for p in batch])
+            w = torch.stack([_oriented(p, group) for p in batch])
+            scale = lr * _lr_scale(group["adjust_lr"], w.shape)
+            if manifold.has_dual:
+                carry = group["carry_dual"] and group["mode"] == "improved"
+                states = [self.state[p] for p in batch]
+                dual_init = torch.stack([st["dual"] for st in states]) if carry and "dual" in states[0] else None
+                result = solve_direction(w, g, manifold, mode=group["mode"], steps=group["dual_steps"],
+                                         alpha=group["dual_alpha"], tol=group["dual_tol"], dual_init=dual_init,
+                                         msign_method=group["msign_method"], dtype=_msign_dtype(group))
+                a = result.direction
+                if carry:
+                    for st, dual in zip(states, result.dual):
+                        st["dual"] = dual
+            else:
+                a = msign(g, group["msign_method"], dtype=_msign_dtype(group))
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.add_(a.to(w.dtype), alpha=-scale)
+            if manifold.name != "none":
+                w = manifold.retract(w)
+            for p, w_p in zip(batch, w):
+                _oriented(p, group).copy_(w_p)

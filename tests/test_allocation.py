@@ -1,0 +1,124 @@
+"""Rules and presets: first match wins, every parameter exactly once, loud errors."""
+import json
+
+import pytest
+import torch
+
+from manifold_muon import PRESETS, ManifoldMuon, Rule, format_allocation, get_manifold, resolve, save_allocation
+from conftest import TinyGPT, TinyLlama
+
+PAPER = ["unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv"]
+SEED_PLAN = ["baseline", "muon_all", "muon_attention", "muon_ffn", "stiefel_all", "stiefel_attention",
+             "stiefel_ffn", "spectral_all", "manifold_muon"]
+
+
+def by_name(groups):
+    return {n: g for g in groups for n in g["names"]}
+
+
+def test_all_fourteen_presets_exist():
+    assert set(PAPER + SEED_PLAN) <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PAPER + SEED_PLAN)
+def test_presets_claim_every_trainable_parameter_exactly_once_on_gpt_and_llama(preset):
+    for model in (TinyGPT(), TinyLlama()):
+        groups = resolve(model, preset)
+        names = [n for g in groups for n in g["names"]]
+        assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+        assert len(names) == len(set(names))
+        ManifoldMuon(groups)  # the groups are valid optimizer input
+
+
+def test_hetero_on_nanogpt_names():
+    groups = by_name(resolve(TinyGPT(), "hetero"))
+    assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"
+    assert groups["transformer.h.1.attn.c_proj.weight"]["manifold"] == "stiefel"
+    assert groups["transformer.h.0.mlp.c_fc.weight"]["manifold"] == "dgram"
+    assert groups["transformer.h.0.mlp.c_proj.weight"]["manifold"] == "dgram"
+    assert groups["transformer.h.0.mlp.c_fc.weight"]["weight_decay"] == 0.0
+    emb = groups["transformer.wte.weight"]
+    assert (emb["algorithm"], emb["weight_decay"]) == ("adamw", 0.1)
+    assert groups["transformer.ln_f.weight"]["weight_decay"] == 0.0
+    assert "lm_head.weight" not in groups  # tied to wte: counted once
+
+
+def test_unconstrained_muon_keeps_weight_decay_and_seed_plan_wraps_adamw():
+    g = by_name(resolve(TinyGPT(), "unconstrained"))["transformer.h.0.mlp.c_fc.weight"]
+    assert (g["algorithm"], g["manifold"], g["weight_decay"], g["lr"]) == ("muon", "none", 0.1, 0.02)
+    g = by_name(resolve(TinyGPT(), "stiefel_attention"))
+    assert (g["transformer.h.0.attn.c_attn.weight"]["algorithm"], g["transformer.h.0.attn.c_attn.weight"]["manifold"]) == ("adamw", "stiefel")
+    assert g["transformer.h.0.mlp.c_fc.weight"]["manifold"] == "none"
+
+
+def test_llama_names():
+    groups = by_name(resolve(TinyLlama(), "hetero"))
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert groups[f"layers.0.self_attn.{proj}.weight"]["manifold"] == "stiefel"
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert groups[f"layers.1.mlp.{proj}.weight"]["manifold"] == "dgram"
+
+
+def test_hf_gpt2_conv1d_is_oriented_explicitly():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=40, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    groups = resolve(model, "hetero")
+    named = by_name(groups)
+    c_fc = named["transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc["transposed"] and c_fc["manifold"] == "dgram"
+    assert named["transformer.h.0.attn.c_attn.bias"]["algorithm"] == "adamw"  # biases -> AdamW
+    opt = ManifoldMuon(groups)
+    # The square attn.c_proj is stored (in, out): DGram/Stiefel hold on W.mT, the Linear view.
+    dgram_inv = ManifoldMuon(resolve(model, "hetero-inv"))
+    w = dict(model.named_parameters())["transformer.h.0.attn.c_proj.weight"].detach()
+    assert get_manifold("dgram").residual(w.mT) < 1e-5
+    ids = torch.randint(40, (2, 8))
+    for o in (opt, dgram_inv):
+        o.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        o.step()
+    assert get_manifold("dgram").residual(w.mT) < 1e-5
+    assert "(in,out)" in format_allocation(groups)
+
+
+def test_first_match_wins():
+    rules = [Rule(r"attn", "muon", "stiefel"), Rule(r"c_attn", "muon", "dgram"), Rule(".", "adamw")]
+    with pytest.raises(ValueError, match="match no parameter"):
+        resolve(TinyGPT(), rules)  # the second rule is shadowed by the first
+    groups = by_name(resolve(TinyGPT(), [rules[0], rules[2]]))
+    assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"
+
+
+def test_errors_name_the_valid_choices():
+    model = TinyGPT()
+    with pytest.raises(ValueError, match="valid names include: transformer.wte.weight"):
+        resolve(model, [Rule(r"q_proj", "muon", "stiefel"), Rule(".", "adamw")])
+    with pytest.raises(ValueError, match="manifolds need 2D weights. Valid manifolds for it: 'none'"):
+        resolve(model, [Rule(r"ln_", "adamw", "stiefel"), Rule(".", "adamw")])
+    with pytest.raises(ValueError, match="valid choices: none, stiefel, dgram"):
+        Rule(".", "muon", "hyperbolic")
+    with pytest.raises(ValueError, match="valid choices: unconstrained, all-stiefel"):
+        resolve(model, "all-oblique")
+    with pytest.raises(ValueError, match="no rule claims"):
+        resolve(model, [Rule(r"attn", "muon")])
+    with pytest.raises(ValueError, match="valid choices: lr"):
+        Rule(".", "adamw", learning_rate=1.0)
+
+
+def test_table_prints_and_saves(tmp_path):
+    groups = resolve(TinyGPT(), "hetero", mode="paper")
+    text = format_allocation(groups)
+    assert "transformer.h.0.mlp.c_fc.weight" in text and "dgram" in text and "stiefel" in text
+    save_allocation(groups, tmp_path / "allocation.json")
+    rows = json.loads((tmp_path / "allocation.json").read_text())
+    assert {r["name"] for r in rows} == {n for n, _ in TinyGPT().named_parameters()}
+    assert all(g["mode"] == "paper" for g in groups)
+
+
+def test_frozen_parameters_are_skipped():
+    model = TinyGPT()
+    model.transformer.wpe.weight.requires_grad_(False)
+    names = [n for g in resolve(model, "hetero") for n in g["names"]]
+    assert "transformer.wpe.weight" not in names

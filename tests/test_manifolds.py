@@ -1,0 +1,92 @@
+"""The contract every manifold keeps, in float64 (geoopt-style shared tests)."""
+import pytest
+import torch
+
+from manifold_muon import MANIFOLDS, get_manifold, msign
+from conftest import point_on
+
+CONSTRAINED = ["stiefel", "dgram", "dgram-svd", "oblique"]
+SHAPES = [(40, 16), (16, 40), (24, 24)]
+
+
+def random(shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(MANIFOLDS))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_init_lands_on_the_manifold(name, shape):
+    man = get_manifold(name)
+    w = man.init(3.0 * random(shape))
+    assert man.residual(w) < 1e-10
+    if name == "spectral":
+        assert torch.linalg.matrix_norm(w, 2) <= 1 + 1e-10
+
+
+@pytest.mark.parametrize("name", list(MANIFOLDS))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_retraction_lands_on_manifold_and_is_identity_there(name, shape):
+    man = get_manifold(name)
+    w = man.init(random(shape))
+    torch.testing.assert_close(man.retract(w), w, atol=1e-9, rtol=0)
+    moved = man.retract(w + 0.05 * random(shape, seed=1))
+    assert man.residual(moved) < 1e-9
+
+
+def test_residual_detects_points_off_each_manifold():
+    w = random((30, 10))
+    for name in CONSTRAINED:
+        assert get_manifold(name).residual(w) > 1e-2, name
+    assert get_manifold("spectral").residual(5 * w / torch.linalg.matrix_norm(w, 2)) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("name", CONSTRAINED)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tangent_projection_satisfies_constraint_and_is_idempotent(name, shape):
+    man = get_manifold(name)
+    w = point_on("dgram" if name.startswith("dgram") else name, *shape)
+    g = random(shape, seed=2)
+    t = man.tangent_project(w, g)
+    assert man.tangent_violation(w, t) < 1e-12
+    torch.testing.assert_close(man.tangent_project(w, t), t, atol=1e-12, rtol=0)
+    # Orthogonal projection: the removed part is normal, so orthogonal to every tangent vector.
+    assert abs(((g - t) * t).sum()) < 1e-9 * g.norm() ** 2
+
+
+def test_dgram_svd_free_retraction_is_identity_on_unsorted_column_norms_where_svd_form_permutes():
+    w = point_on("dgram", 40, 6, colnorm_range=(0.3, 3.0), seed=3)
+    norms = w.norm(dim=0)
+    assert not torch.all(norms[:-1] >= norms[1:])  # unsorted, as after training
+    torch.testing.assert_close(get_manifold("dgram").retract(w), w, atol=1e-9, rtol=0)
+    svd_form = get_manifold("dgram-svd").retract(w)
+    torch.testing.assert_close(svd_form.norm(dim=0), norms.sort(descending=True).values, atol=1e-9, rtol=0)
+    assert (svd_form - w).norm() > 0.1
+
+
+def test_dgram_retraction_is_polar_times_column_norms():
+    w = random((20, 8)) + 0.1
+    expected = msign(w, "svd") * w.norm(dim=0, keepdim=True)
+    torch.testing.assert_close(get_manifold("dgram").retract(w), expected, atol=1e-9, rtol=0)
+
+
+def test_spectral_retraction_clips_singular_values_only_above_one():
+    u, _ = torch.linalg.qr(random((12, 5)))
+    v, _ = torch.linalg.qr(random((5, 5), seed=1))
+    s = torch.tensor([3.0, 1.5, 0.9, 0.5, 0.1], dtype=torch.float64)
+    out = get_manifold("spectral").retract((u * s) @ v.T)
+    torch.testing.assert_close(torch.linalg.svdvals(out), s.clamp(max=1.0), atol=1e-10, rtol=0)
+
+
+def test_stack_of_matrices_is_handled_per_matrix():
+    man = get_manifold("stiefel")
+    ws = man.init(random((3, 20, 8)))
+    assert ws.shape == (3, 20, 8) and man.residual(ws).shape == (3,)
+    for i in range(3):
+        torch.testing.assert_close(ws[i], man.init(random((3, 20, 8))[i]), atol=1e-10, rtol=0)
+
+
+def test_manifolds_are_immutable_and_unknown_names_list_the_choices():
+    with pytest.raises(Exception):
+        get_manifold("stiefel").name = "dgram"
+    with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, oblique, spectral"):
+        get_manifold("grassmann")

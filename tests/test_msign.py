@@ -1,0 +1,74 @@
+"""msign against the SVD polar factor (float64 reference), with the tolerances written down."""
+import pytest
+import torch
+
+from manifold_muon import msign
+from conftest import with_condition
+
+SHAPES = [(48, 48), (96, 32), (32, 96)]
+CONDS = [1.0, 10.0, 100.0, 1000.0]
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("cond", CONDS)
+def test_polar_express_default_float32_is_within_one_percent(shape, cond):
+    x, polar = with_condition(*shape, cond)
+    out = msign(x.float())
+    assert out.dtype == torch.float32
+    assert rel_err(out, polar) < 1e-2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("cond", [1.0, 10.0, 100.0])
+def test_polar_express_bf16_within_three_percent_up_to_cond_100(shape, cond):
+    # bf16 input rounding erases directions whose singular value is below ~2^-8 of the
+    # largest, so bf16 is only accurate for moderate conditioning: that is why the
+    # default compute dtype is float32 and bf16 is opt-in.
+    x, polar = with_condition(*shape, cond)
+    assert rel_err(msign(x.float(), dtype=torch.bfloat16), polar) < 3e-2
+
+
+def test_bf16_loses_accuracy_at_cond_1000_documenting_the_dtype_policy():
+    x, polar = with_condition(96, 32, 1000.0)
+    assert rel_err(msign(x.float(), dtype=torch.bfloat16), polar) > 3e-2
+    assert rel_err(msign(x.float()), polar) < 1e-2
+
+
+def test_batched_matches_per_matrix_and_keeps_leading_dims():
+    x, polar = with_condition(40, 24, 100.0, batch=(2, 3))
+    out = msign(x.float())
+    assert out.shape == (2, 3, 40, 24)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(out[i, j], msign(x[i, j].float()), atol=1e-5, rtol=0)
+    assert rel_err(out, polar) < 1e-2
+
+
+def test_output_dtype_follows_input_and_svd_is_exact_in_float64():
+    x, polar = with_condition(30, 20, 1000.0)
+    assert msign(x, "svd").dtype == torch.float64
+    assert rel_err(msign(x, "svd"), polar) < 1e-10
+    assert msign(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_newton_schulz_matches_torch_muon_iteration_and_is_not_converged():
+    x, polar = with_condition(64, 32, 10.0)
+    out = msign(x.float(), "newton_schulz", dtype=torch.bfloat16)
+    s = torch.linalg.svdvals(out.double())
+    # Keller Jordan's coefficients land singular values roughly in [0.7, 1.2], on purpose.
+    assert 0.6 < s.min() < 0.95 and 1.0 < s.max() < 1.3
+    from torch.optim._muon import _zeropower_via_newtonschulz
+    ref = _zeropower_via_newtonschulz(x.float(), (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    torch.testing.assert_close(out, ref.float(), atol=2e-2, rtol=0)
+
+
+def test_zero_input_maps_to_zero_and_bad_arguments_name_the_choices():
+    assert torch.count_nonzero(msign(torch.zeros(5, 3))) == 0
+    with pytest.raises(ValueError, match="polar_express, newton_schulz, svd"):
+        msign(torch.ones(3, 3), "qr")
+    with pytest.raises(ValueError, match="matrix"):
+        msign(torch.ones(3))

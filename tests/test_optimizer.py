@@ -1,0 +1,177 @@
+"""ManifoldMuon against torch's own optimizers, and on a small model."""
+import io
+
+import pytest
+import torch
+
+from manifold_muon import ManifoldMuon, get_manifold, resolve
+from conftest import TinyGPT, markov_batches
+
+
+def clone_params(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+
+
+def set_grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def test_adamw_group_matches_torch_adamw():
+    shapes = [(8, 5), (5,), (3, 4, 2)]
+    ours, ref = clone_params(shapes), clone_params(shapes)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = ManifoldMuon([{"params": ours, "algorithm": "adamw", **kw}])
+    ref_opt = torch.optim.AdamW(ref, **kw)
+    for step in range(10):
+        set_grads(ours, step), set_grads(ref, step)
+        opt.step(), ref_opt.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)  # fp32 rounding tolerances
+
+
+@pytest.mark.parametrize("shape", [(32, 16), (16, 32), (24, 24)])
+def test_muon_group_matches_torch_muon_with_conventions_mapped(shape):
+    # torch.optim.Muon: EMA momentum (= (1 - beta) x our sum form; msign removes the
+    # factor), bf16 Newton-Schulz 5, "original" lr scaling sqrt(max(1, rows/cols)).
+    ours, ref = clone_params([shape]), clone_params([shape])
+    opt = ManifoldMuon([{"params": ours}], lr=0.02, momentum=0.95, weight_decay=0.1,
+                       msign_method="newton_schulz", msign_dtype="bfloat16", adjust_lr="original")
+    ref_opt = torch.optim.Muon(ref, lr=0.02, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original")
+    for step in range(10):
+        set_grads(ours, step), set_grads(ref, step)
+        opt.step(), ref_opt.step()
+        # bf16 rounding of (1 - beta)-scaled inputs differs slightly; updates are 0.02-sized
+        assert (ours[0] - ref[0]).norm() < 2e-3 * ref[0].norm()
+    torch.testing.assert_close(opt.state[ours[0]]["momentum_buffer"] * 0.05,
+                               ref_opt.state[ref[0]]["momentum_buffer"], atol=1e-5, rtol=1e-4)
+
+
+def test_sum_style_nesterov_momentum_by_hand():
+    p = clone_params([(6, 4)])
+    opt = ManifoldMuon([{"params": p}], lr=0.1, momentum=0.9, msign_method="svd")
+    w0, beta, buf = p[0].detach().clone(), 0.9, torch.zeros(6, 4)
+    for step in range(3):
+        set_grads(p, step)
+        g = p[0].grad.clone()
+        buf = beta * buf + g
+        u, _, vt = torch.linalg.svd(g + beta * buf, full_matrices=False)
+        w0 = w0 - 0.1 * (u @ vt)
+        opt.step()
+    torch.testing.assert_close(p[0].detach(), w0, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm,manifold", [("muon", "stiefel"), ("muon", "dgram"), ("muon", "oblique"),
+                                                ("muon", "spectral"), ("adamw", "stiefel"), ("adamw", "spectral")])
+def test_manifold_groups_start_and_stay_on_their_manifold(algorithm, manifold):
+    p = clone_params([(20, 8), (8, 20)])
+    opt = ManifoldMuon([{"params": p, "algorithm": algorithm, "manifold": manifold, "lr": 0.05}])
+    man = get_manifold(manifold)
+    assert all(man.residual(x.detach()) < 1e-5 for x in p)  # projected at construction
+    for step in range(5):
+        set_grads(p, step)
+        opt.step()
+    assert all(man.residual(x.detach()) < 1e-5 for x in p)
+
+
+def test_step_never_writes_gradients_and_closure_returns_loss():
+    model = TinyGPT()
+    opt = ManifoldMuon(resolve(model, "hetero"))
+    x, y = markov_batches(steps=1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        return loss
+
+    loss = closure()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n]), n
+    assert isinstance(opt.step(closure), torch.Tensor)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert loss.item() > 0
+
+
+def test_lr_schedulers_drive_every_group():
+    model = TinyGPT()
+    opt = ManifoldMuon(resolve(model, "hetero"))
+    base = [g["lr"] for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    opt.step(), sched.step(), sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * 0.25 for b in base])
+    torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10).step()
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def _train(model, opt, batches):
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = _loss(model, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_hetero_trains_200_steps_on_manifold_deterministically_and_resumes_identically():
+    batches = markov_batches(steps=200)
+
+    def run(seed=0):
+        torch.manual_seed(seed)
+        model = TinyGPT()
+        return model, ManifoldMuon(resolve(model, "hetero"))
+
+    model, opt = run()
+    losses = _train(model, opt, batches[:160])
+    snapshot = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, snapshot)
+    losses += _train(model, opt, batches[160:])
+
+    # loss goes down, weights stay on their manifolds
+    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 0.3
+    for group in opt.param_groups:
+        man = get_manifold(group["manifold"])
+        for p in group["params"]:
+            assert man.residual(p.detach()) < 1e-4, (group["names"], man.name)
+
+    # deterministic for a seed (the first 40 steps, to keep the suite fast)
+    model2, opt2 = run()
+    assert _train(model2, opt2, batches[:40]) == losses[:40]
+
+    # continues identically after a state_dict round trip (weights_only load)
+    snapshot.seek(0)
+    ckpt = torch.load(snapshot, weights_only=True)
+    model3, opt3 = run(seed=1)  # different init: everything must come from the checkpoint
+    model3.load_state_dict(ckpt["model"])
+    opt3.load_state_dict(ckpt["opt"])
+    assert _train(model3, opt3, batches[160:]) == losses[160:]
+
+
+def test_bad_groups_name_the_valid_choices():
+    p = clone_params([(4, 4), (4,)])
+    with pytest.raises(ValueError, match="muon, adamw"):
+        ManifoldMuon([{"params": p[:1], "algorithm": "sgd"}])
+    with pytest.raises(ValueError, match="valid choices: none, stiefel"):
+        ManifoldMuon([{"params": p[:1], "manifold": "sphere"}])
+    with pytest.raises(ValueError, match="needs 2D"):
+        ManifoldMuon([{"params": p[1:], "algorithm": "muon"}])
+    with pytest.raises(TypeError, match="unknown ManifoldMuon option"):
+        ManifoldMuon(p[:1], learning_rate=0.1)
+
+
+def test_lr_and_weight_decay_default_per_algorithm_unless_given():
+    p = clone_params([(4, 4), (4,)])
+    opt = ManifoldMuon([{"params": p[:1]}, {"params": p[1:], "algorithm": "adamw"}])
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.02, 0.0), (1e-3, 0.01)]
+    opt = ManifoldMuon([{"params": p[:1]}, {"params": p[1:], "algorithm": "adamw", "lr": 0.3}], lr=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.3]
