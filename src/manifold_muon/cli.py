@@ -1,0 +1,98 @@
+"""``manifold-muon prepare | train`` (also ``python -m manifold_muon``)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .optim.allocation import PRESETS
+
+EPILOG_TRAIN = """
+Overrides are --key=value for any config field, e.g.
+  manifold-muon train --preset tiny-cpu --allocation hetero --max_iters=300 --n_layer=4
+Model fields: arch n_layer n_head n_embd block_size vocab_size dropout bias.
+Training fields: data_dir out_dir mode seed batch_size grad_accum max_iters warmup_iters
+lr_decay_iters adamw_lr min_lr muon_lr weight_decay muon_momentum dual_steps grad_clip
+eval_interval eval_iters ckpt_interval tensorboard quiet device compile max_nonfinite.
+A run directory that holds ckpt.pt is resumed. Under torchrun the same command trains on
+every rank (DDP; nccl on GPUs, gloo on CPUs).
+"""
+
+
+def _split_overrides(extra: list[str]) -> dict[str, str]:
+    out = {}
+    for item in extra:
+        if not item.startswith("--") or "=" not in item:
+            raise SystemExit(f"error: expected --key=value, got {item!r}")
+        key, value = item[2:].split("=", 1)
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _prepare(args) -> None:
+    from . import prepare
+    if args.corpus == "shakespeare":
+        meta = prepare.prepare_shakespeare(args.out or "data/shakespeare", val_fraction=args.val_fraction or 0.05,
+                                           quiet=args.quiet)
+    elif args.corpus == "text":
+        if not args.files:
+            raise SystemExit("error: `prepare text` needs FILE_OR_GLOB arguments")
+        meta = prepare.prepare_text_files(args.files, args.out or "data/text", val_fraction=args.val_fraction or 0.05,
+                                          quiet=args.quiet)
+    else:
+        meta = prepare.prepare_hf_dataset(args.dataset, args.out or "data/openwebtext",
+                                          val_fraction=args.val_fraction or 0.0005, quiet=args.quiet)
+    print(f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens ({meta['split']})")
+
+
+def _train(args, extra) -> None:
+    from .config import make_config
+    from .train import train
+    overrides = _split_overrides(extra)
+    overrides.setdefault("allocation", args.allocation)
+    cfg = make_config(args.preset, overrides)
+    if cfg.allocation not in PRESETS:
+        raise SystemExit(f"error: unknown allocation {cfg.allocation!r}; valid choices: {', '.join(PRESETS)}")
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['status']}: {summary['iters']} iterations, final val loss {summary['final_val_loss']}, "
+          f"run dir {cfg.run_dir()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manifold-muon", description="Muon and Manifold Muon with module-wise manifolds.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize a corpus into train.bin/val.bin (GPT-2 BPE, offline)",
+                       description="Write nanoGPT-compatible train.bin/val.bin and meta.json.")
+    p.add_argument("corpus", choices=["shakespeare", "text", "openwebtext"],
+                   help="shakespeare: the embedded corpus; text: your files; openwebtext: HF datasets (online)")
+    p.add_argument("files", nargs="*", help="for `text`: files or globs (each file is one document)")
+    p.add_argument("--out", help="output folder (default data/<corpus>)")
+    p.add_argument("--val-fraction", type=float, help="share of documents held out (default 0.05; openwebtext 0.0005)")
+    p.add_argument("--dataset", default="Skylion007/openwebtext", help="for `openwebtext`: the HF dataset name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = sub.add_parser("train", help="train one run (resumes a run dir that holds ckpt.pt)", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train GPT-2 (or the Llama variant) with one allocation.")
+    t.add_argument("--preset", default="tiny-cpu", help="config preset: gpt2-small (the paper) or tiny-cpu (default)")
+    t.add_argument("--allocation", default="hetero", help="allocation preset: " + ", ".join(PRESETS))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "prepare":
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _prepare(args)
+        elif args.command == "train":
+            _train(args, extra)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Typed run configuration.  Presets are functions; ``--key=value`` overrides are typed by
+the dataclass fields (model fields and training fields share one flat namespace)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .model import ModelConfig
+
+__all__ = ["TrainConfig", "CONFIG_PRESETS", "make_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # what to train
+    data_dir: str = "data/shakespeare"
+    out_dir: str = ""                 # default: runs/<preset>/<allocation>-s<seed>
+    preset: str = "gpt2-small"
+    allocation: str = "hetero"
+    mode: str = "improved"            # Manifold Muon direction solver: improved | paper
+    seed: int = 1337
+    # batch: tokens per step = batch_size * grad_accum * world_size * block_size
+    batch_size: int = 64
+    grad_accum: int = 1
+    # schedule (the paper's: AdamW 6e-4 -> 6e-5 cosine, warmup 1000; Muon proportional)
+    max_iters: int = 50_000
+    warmup_iters: int = 1_000
+    lr_decay_iters: int = 50_000
+    adamw_lr: float = 6e-4
+    min_lr: float = 6e-5
+    muon_lr: float = 0.02
+    weight_decay: float = 0.1         # where the allocation decays (2D AdamW, unconstrained Muon)
+    muon_momentum: float = 0.95
+    dual_steps: int = -1              # -1: the mode's default
+    grad_clip: float = 1.0            # global norm over all parameters; 0 disables
+    # evaluation, logging, checkpoints
+    eval_interval: int = 1_000
+    eval_iters: int = 200
+    ckpt_interval: int = 0            # 0: at every evaluation
+    tensorboard: bool = False
+    quiet: bool = False
+    # device and speed
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    # failure handling
+    max_nonfinite: int = 10           # consecutive non-finite steps before the run stops
+    # fault injection for tests (documented, off by default)
+    inject_nonfinite_at: tuple = ()   # iterations whose loss is replaced by NaN
+    fail_at_iter: int = -1            # raise at this iteration, as a crash would
+
+    def run_dir(self) -> str:
+        return self.out_dir or f"runs/{self.preset}/{self.allocation}-s{self.seed}"
+
+
+def gpt2_small() -> TrainConfig:
+    """The paper's setup (DESIGN.md section 4): GPT-2 small, 64 x 1024 tokens, 50k iterations."""
+    return TrainConfig(preset="gpt2-small")
+
+
+def tiny_cpu() -> TrainConfig:
+    """A tiny GPT for the demo and the tests, sized for a 2-core CPU: 512 tokens per step,
+    the full GPT-2 vocabulary (whose 50k-way softmax dominates the cost), and the improved
+    dual solver capped at 16 iterations (its default 64 costs ~0.3 s per step here)."""
+    return TrainConfig(model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64), preset="tiny-cpu",
+                       batch_size=8, max_iters=150, warmup_iters=15, lr_decay_iters=150, adamw_lr=3e-3,
+                       min_lr=3e-4, eval_interval=25, eval_iters=4, dual_steps=16)
+
+
+CONFIG_PRESETS = {"gpt2-small": gpt2_small, "tiny-cpu": tiny_cpu}
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
+
+
+def _coerce(value: str, annotation):
+    hint = annotation if isinstance(annotation, type) else _FIELD_TYPES[annotation]
+    if hint is bool:
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected true/false, got {value!r}")
+    if hint is tuple:
+        return tuple(int(v) for v in value.split(",") if v)
+    return hint(value)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
+    """Return ``cfg`` with ``{"n_layer": "2", "max_iters": "100"}`` applied, typed per field."""
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    model_changes, train_changes = {}, {}
+    for key, raw in overrides.items():
+        target, fields = (train_changes, train_fields) if key in train_fields else (model_changes, model_fields)
+        if key not in fields:
+            valid = sorted(train_fields) + sorted(model_fields)
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        try:
+            target[key] = _coerce(raw, fields[key].type)
+        except ValueError as e:
+            raise ValueError(f"bad value for {key}: {e}") from None
+    model = dataclasses.replace(cfg.model, **model_changes)
+    return dataclasses.replace(cfg, model=model, **train_changes)
+
+
+def make_config(preset: str, overrides: dict[str, str] | None = None) -> TrainConfig:
+    if preset not in CONFIG_PRESETS:
+        raise ValueError(f"unknown config preset {preset!r}; valid choices: {', '.join(CONFIG_PRESETS)}")
+    return apply_overrides(CONFIG_PRESETS[preset](), overrides or {})
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    d = dict(d)
+    d["model"] = ModelConfig(**d["model"])
+    d["inject_nonfinite_at"] = tuple(d.get("inject_nonfinite_at", ()))
+    return TrainConfig(**d)

@@ -1,0 +1,265 @@
+"""One training loop for CPU, one GPU and torchrun (DDP), the paper's recipe.
+
+Under ``torchrun`` every rank draws the same global batch offsets and trains on its own rows;
+DDP averages gradients, so N processes take the step one process takes on the same global
+batch.  There is no separate single-device path: one process is world size 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, config_to_dict
+from .data import BatchSampler, TokenData
+from .model import GPT
+from .optim import ManifoldMuon, format_allocation, resolve, save_allocation
+from .runio import JsonlLog, atomic_save, environment, read_jsonl, write_json
+
+__all__ = ["train", "lr_factor", "PEAK_FLOPS"]
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices report MFU as null.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def lr_factor(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT's schedule as a fraction of the peak: linear warmup, cosine to min_lr/adamw_lr.
+    Muon shares it (``muon_lr(t) = muon_lr * factor(t)``), as the paper's reference code."""
+    floor = cfg.min_lr / cfg.adamw_lr
+    if it < cfg.warmup_iters:
+        return (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return floor
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else (0, 1, 0)
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _mean_across_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return value
+
+
+def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """The allocation's groups with the run's learning rates and decay; ``base_lr`` is the peak."""
+    groups = resolve(model, cfg.allocation, mode=cfg.mode, momentum=cfg.muon_momentum,
+                     dual_steps=cfg.dual_steps if cfg.dual_steps >= 0 else None)
+    for g in groups:
+        g["base_lr"] = g["lr"] = cfg.muon_lr if g["algorithm"] == "muon" else cfg.adamw_lr
+        g["weight_decay"] = cfg.weight_decay if g.get("weight_decay", 0) > 0 else 0.0
+    return groups
+
+
+class Trainer:
+    """Holds what a step needs; ``run()`` is the loop.  Built by :func:`train`."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, local_rank = _distributed()
+        self.device = _device(cfg, local_rank)
+        self.main = self.rank == 0
+        self.dir = Path(cfg.run_dir())
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        self.model = GPT(cfg.model).to(self.device)
+        self.data = TokenData.load(cfg.data_dir, block_size=cfg.model.block_size, vocab_size=cfg.model.vocab_size)
+        self.groups = _param_groups(self.model, cfg)
+        self.opt = ManifoldMuon(self.groups)
+        self.net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.sampler = BatchSampler(self.data, block_size=cfg.model.block_size, seed=cfg.seed)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.start_iter, self.best_val, self.nonfinite_streak = 0, float("inf"), 0
+        self.resumed = self._maybe_resume()
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
+        self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _checkpoint(self, it: int) -> None:
+        if not self.main:
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        atomic_save({"iter": it, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                     "sampler": self.sampler.state_dict(), "rng": rng, "best_val": self.best_val,
+                     "nonfinite_streak": self.nonfinite_streak, "config": config_to_dict(self.cfg)},
+                    self.dir / "ckpt.pt")
+
+    def _maybe_resume(self) -> bool:
+        path = self.dir / "ckpt.pt"
+        if not path.is_file():
+            return False
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        self.start_iter, self.best_val = ckpt["iter"], ckpt["best_val"]
+        self.nonfinite_streak = ckpt["nonfinite_streak"]
+        return True
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, it: int) -> dict:
+        """Mean loss over ``eval_iters`` batches per split, drawn from a generator seeded by the
+        iteration, so evaluation never consumes (or depends on) the training stream."""
+        self.net.eval()
+        out = {"iter": it}
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + it)
+            total = torch.zeros((), device=self.device)
+            for _ in range(self.cfg.eval_iters):
+                offsets = self.sampler.global_offsets(split, self.cfg.batch_size * self.world, gen)
+                x, y = self.sampler.windows(split, offsets[self.rank:: self.world])
+                with self.autocast:
+                    _, loss = self.net(x.to(self.device), y.to(self.device))
+                total += loss.float()
+            out[f"{split}_loss"] = _mean_across_ranks(total / self.cfg.eval_iters, self.world).item()
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+        self.net.train()
+        return out
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+    def step(self, it: int) -> dict:
+        """Forward/backward over the micro-batches, then clip and step, unless non-finite."""
+        cfg, world = self.cfg, self.world
+        offsets = self.sampler.global_offsets("train", cfg.batch_size * cfg.grad_accum * world)
+        mine = offsets.view(cfg.grad_accum, world, cfg.batch_size)[:, self.rank]
+        factor = lr_factor(it, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.sampler.windows("train", mine[micro])
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else self.net.no_sync()), self.autocast:
+                _, loss = self.net(x.to(self.device), y.to(self.device))
+            if it in cfg.inject_nonfinite_at:
+                loss = loss * float("nan")
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        loss = _mean_across_ranks(loss_sum / cfg.grad_accum, world)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+            self.opt.step()
+            self.nonfinite_streak = 0
+        else:  # skip: weights and optimizer state stay as they were
+            self.nonfinite_streak += 1
+        self.opt.zero_grad(set_to_none=True)
+        lrs = {g["algorithm"]: g["lr"] for g in self.opt.param_groups}
+        return {"iter": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": not finite,
+                "lr_adamw": lrs.get("adamw"), "lr_muon": lrs.get("muon")}
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "config.json", config_to_dict(cfg))
+            write_json(self.dir / "env.json", environment(self.device, self.world))
+            save_allocation(self.groups, self.dir / "allocation.json")
+            if not cfg.quiet and not self.resumed:
+                print(f"model: {self.model.num_params() / 1e6:.2f}M parameters ({cfg.model.arch}, tied embedding)")
+                print(format_allocation(self.groups))
+        keep = self.start_iter if self.resumed else 0
+        metrics = JsonlLog(self.dir / "metrics.jsonl", keep_below_iter=keep, enabled=self.main)
+        evals = JsonlLog(self.dir / "eval.jsonl", keep_below_iter=keep + 1 if self.resumed else 0, enabled=self.main)
+        events = JsonlLog(self.dir / "events.jsonl", keep_below_iter=keep, enabled=self.main)
+        board = None
+        if cfg.tensorboard and self.main:
+            from torch.utils.tensorboard import SummaryWriter  # needs: pip install tensorboard
+            board = SummaryWriter(str(self.dir / "tensorboard"))
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.model.block_size
+        flops_per_token = self.model.flops_per_token()
+        ckpt_every = cfg.ckpt_interval or cfg.eval_interval
+        status, it = "completed", self.start_iter
+        bar = tqdm(total=cfg.max_iters, initial=self.start_iter, desc=f"{cfg.allocation}", unit="it",
+                   disable=cfg.quiet or not self.main)
+        started = time.time()
+        try:
+            while True:
+                if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (self.resumed and it == self.start_iter):
+                    row = self.evaluate(it)
+                    self.best_val = min(self.best_val, row["val_loss"])
+                    evals.write(row)
+                    if board:
+                        board.add_scalars("loss", {"train": row["train_loss"], "val": row["val_loss"]}, it)
+                if it > self.start_iter and (it % ckpt_every == 0 or it == cfg.max_iters):
+                    self._checkpoint(it)
+                if it >= cfg.max_iters:
+                    break
+                if it == cfg.fail_at_iter:
+                    raise RuntimeError(f"injected failure at iteration {it} (fail_at_iter)")
+                t0 = time.perf_counter()
+                row = self.step(it)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                row.update(step_ms=dt * 1e3, tokens_per_s=tokens_per_step / dt,
+                           mfu=flops_per_token * tokens_per_step / dt / (self.peak * self.world) if self.peak else None)
+                metrics.write(row)
+                if board:
+                    board.add_scalar("train/loss", row["loss"], it)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                bar.update()
+                it += 1
+                if row["skipped"]:
+                    events.write({"iter": row["iter"], "event": "nonfinite", "loss": row["loss"],
+                                  "grad_norm": row["grad_norm"], "streak": self.nonfinite_streak})
+                    if self.nonfinite_streak >= cfg.max_nonfinite:
+                        status = "early_termination"
+                        self._checkpoint(it)
+                        break
+        finally:
+            bar.close()
+            for log in (metrics, evals, events):
+                log.close()
+            if board:
+                board.close()
+        summary = self._summary(status, it, time.time() - started)
+        if self.main:
+            write_json(self.dir / "summary.json", summary)
+        return summary
+
+    def _summary(self, status: str, it: int, seconds: float) -> dict:
+        evals = read_jsonl(self.dir / "eval.jsonl") if self.main else []
+        return {"status": status, "iters": it, "max_iters": self.cfg.max_iters, "seconds": seconds,
+                "final_val_loss": evals[-1]["val_loss"] if evals else None,
+                "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+                "allocation": self.cfg.allocation, "mode": self.cfg.mode, "seed": self.cfg.seed}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume, if the run directory holds a checkpoint) and return the summary."""
+    return Trainer(cfg).run()
