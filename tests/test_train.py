@@ -1,6 +1,7 @@
 """The training loop: resume equivalence, crash safety, non-finite steps, DDP vs one process."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -130,7 +131,10 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(data_dir, 
     subprocess.run([sys.executable, "-m", "manifold_muon", "train", *common, "--batch_size=4",
                     f"--out_dir={single}"], check=True, env=env, timeout=300)
     ddp = tmp_path / "ddp"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as sock:  # a free port, so parallel or repeated runs cannot collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     "-m", "manifold_muon", "train", *common, "--batch_size=2", f"--out_dir={ddp}"],
                    check=True, env=env, timeout=300)
     assert json.loads((ddp / "env.json").read_text())["world_size"] == 2

@@ -39,6 +39,7 @@ class TrainConfig:
     eval_interval: int = 1_000
     eval_iters: int = 200
     ckpt_interval: int = 0            # 0: at every evaluation
+    diag_interval: int = 0            # spectra, mechanism and optimizer health; 0: at every evaluation
     tensorboard: bool = False
     quiet: bool = False
     # device and speed

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_to_dict
 from .data import BatchSampler, TokenData
+from .diagnostics import MAX_RECORDS, SpectralRecorder, attention_mechanics, module_group, summarize_health
 from .model import GPT
 from .optim import ManifoldMuon, format_allocation, resolve, save_allocation
 from .runio import JsonlLog, atomic_save, environment, read_jsonl, write_json
@@ -147,8 +148,9 @@ class Trainer:
         return out
 
     # ---- one optimizer step ------------------------------------------------------------------------
-    def step(self, it: int) -> dict:
-        """Forward/backward over the micro-batches, then clip and step, unless non-finite."""
+    def step(self, it: int, collect: bool = False) -> dict:
+        """Forward/backward over the micro-batches, then clip and step, unless non-finite.
+        ``collect``: also measure gradient norms per module group and the optimizer's health."""
         cfg, world = self.cfg, self.world
         offsets = self.sampler.global_offsets("train", cfg.batch_size * cfg.grad_accum * world)
         mine = offsets.view(cfg.grad_accum, world, cfg.batch_size)[:, self.rank]
@@ -169,6 +171,14 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        extra = {}
+        if collect:
+            sq: dict[str, float] = {}
+            for name, p in self.model.named_parameters():
+                if p.grad is not None:
+                    sq[module_group(name)] = sq.get(module_group(name), 0.0) + p.grad.float().pow(2).sum().item()
+            extra["group_grad_norm"] = {k: math.sqrt(v) for k, v in sq.items()}
+            self.opt.collect_stats = True
         if finite:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
@@ -177,9 +187,22 @@ class Trainer:
         else:  # skip: weights and optimizer state stay as they were
             self.nonfinite_streak += 1
         self.opt.zero_grad(set_to_none=True)
+        if collect:
+            self.opt.collect_stats = False
+            extra["health"] = summarize_health(self.opt.stats) if finite else {}
         lrs = {g["algorithm"]: g["lr"] for g in self.opt.param_groups}
         return {"iter": it, "loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": not finite,
-                "lr_adamw": lrs.get("adamw"), "lr_muon": lrs.get("muon")}
+                "lr_adamw": lrs.get("adamw"), "lr_muon": lrs.get("muon"), **extra}
+
+    # ---- diagnostics -------------------------------------------------------------------------------
+    def _managed(self) -> dict[str, torch.Tensor]:
+        return {n: p for g in self.opt.param_groups if g["algorithm"] == "muon" for n, p in zip(g["names"], g["params"])}
+
+    def _mechanics_batch(self) -> torch.Tensor:
+        """A fixed validation batch (same for every run of a seed), so mechanism curves compare."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7)
+        offsets = self.sampler.global_offsets("val", min(4, self.cfg.batch_size), gen)
+        return self.sampler.windows("val", offsets)[0].to(self.device)
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -200,6 +223,13 @@ class Trainer:
         if cfg.tensorboard and self.main:
             from torch.utils.tensorboard import SummaryWriter  # needs: pip install tensorboard
             board = SummaryWriter(str(self.dir / "tensorboard"))
+        diag_every = cfg.diag_interval or cfg.eval_interval
+        spectral_every = max(diag_every, math.ceil(cfg.max_iters / MAX_RECORDS))
+        diags = JsonlLog(self.dir / "diagnostics.jsonl", keep_below_iter=keep, enabled=self.main)
+        spectra = SpectralRecorder(self.dir, self._managed()) if self.main and self._managed() else None
+        if spectra and self.resumed:
+            spectra.truncate(keep)
+        mech_batch = self._mechanics_batch()
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.model.block_size
         flops_per_token = self.model.flops_per_token()
         ckpt_every = cfg.ckpt_interval or cfg.eval_interval
@@ -221,13 +251,20 @@ class Trainer:
                     break
                 if it == cfg.fail_at_iter:
                     raise RuntimeError(f"injected failure at iteration {it} (fail_at_iter)")
+                collect = it % diag_every == 0
+                if spectra and it % spectral_every == 0:
+                    spectra.record(it, self._managed())
+                mechanics = attention_mechanics(self.model, mech_batch) if collect and self.main else None
                 t0 = time.perf_counter()
-                row = self.step(it)
+                row = self.step(it, collect=collect)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
                 row.update(step_ms=dt * 1e3, tokens_per_s=tokens_per_step / dt,
                            mfu=flops_per_token * tokens_per_step / dt / (self.peak * self.world) if self.peak else None)
+                if collect:
+                    diags.write({"iter": it, "mechanics": mechanics, "grad_norm": row.pop("group_grad_norm"),
+                                 "health": row.pop("health")})
                 metrics.write(row)
                 if board:
                     board.add_scalar("train/loss", row["loss"], it)
@@ -243,7 +280,9 @@ class Trainer:
                         break
         finally:
             bar.close()
-            for log in (metrics, evals, events):
+            if spectra and it % spectral_every == 0 and status == "completed":
+                spectra.record(it, self._managed())  # the final weights
+            for log in (metrics, evals, events, diags):
                 log.close()
             if board:
                 board.close()

@@ -51,6 +51,12 @@ onto its manifold with ``Manifold.init`` (an exact, SVD-based projection) under
 e.g. right before loading a checkpoint.
 
 The optimizer never writes to ``p.grad``.
+
+Health statistics: set ``opt.collect_stats = True`` before a step and ``opt.stats`` holds,
+per Muon-managed matrix (keyed by its name when the group has ``names``), the tangent
+violation of the warm start and of the final direction, the alignment
+``<G, A> / ||G||_*``, the momentum's spectral norm and the manifold residual after the step.
+It costs a few small eigendecompositions, so collect it every N steps, not every step.
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ from collections import defaultdict
 import torch
 from torch.optim.adam import adam as _torch_adam
 
-from .dual import DIRECTION_MODES, solve_direction
+from .dual import DIRECTION_MODES, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
 
@@ -128,6 +134,8 @@ class ManifoldMuon(torch.optim.Optimizer):
             self._validate(group)
         if project_init:
             self.project_to_manifolds()
+        self.collect_stats = False
+        self.stats: dict[str, dict] = {}
 
     @staticmethod
     def _fill_algorithm_defaults(group):
@@ -166,6 +174,7 @@ class ManifoldMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self.stats = {}
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -223,6 +232,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             g = torch.stack([_oriented(self._momentum_direction(group, p), group) for p in batch])
             w = torch.stack([_oriented(p, group) for p in batch])
             scale = lr * _lr_scale(group["adjust_lr"], w.shape)
+            result = None
             if manifold.has_dual:
                 carry = group["carry_dual"] and group["mode"] == "improved"
                 states = [self.state[p] for p in batch]
@@ -243,3 +253,20 @@ class ManifoldMuon(torch.optim.Optimizer):
                 w = manifold.retract(w)
             for p, w_p in zip(batch, w):
                 _oriented(p, group).copy_(w_p)
+            if self.collect_stats:
+                self._record_stats(group, batch, manifold, g, a, w, result)
+
+    def _record_stats(self, group, batch, manifold, g, a, w, result):
+        names = dict(zip(map(id, group["params"]), group.get("names", [])))
+        g32, a32 = g.float(), a.float()
+        gram = g32.mT @ g32 if g32.shape[-2] >= g32.shape[-1] else g32 @ g32.mT
+        nuclear = torch.linalg.eigvalsh(gram.double()).clamp(min=0).sqrt().sum(-1)
+        align = (g32 * a32).sum(dim=(-2, -1)).double() / nuclear.clamp(min=1e-30)
+        momentum_norm = spectral_norm(g32)
+        residual = manifold.residual(w.float())
+        for i, p in enumerate(batch):
+            self.stats[names.get(id(p), f"param{id(p)}")] = {
+                "manifold": manifold.name, "alignment": align[i].item(), "momentum_norm": momentum_norm[i].item(),
+                "residual": residual[i].item(),
+                "violation_start": result.violation_start[i].item() if result is not None else 0.0,
+                "violation_end": result.violation_end[i].item() if result is not None else 0.0}
