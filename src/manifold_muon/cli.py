@@ -1,4 +1,4 @@
-"""``manifold-muon prepare | train`` (also ``python -m manifold_muon``)."""
+"""``manifold-muon prepare | train | sweep | report`` (also ``python -m manifold_muon``)."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,31 @@ def _train(args, extra) -> None:
           f"run dir {cfg.run_dir()}")
 
 
+def _csv(text: str, kind=str) -> list:
+    return [kind(x) for x in text.split(",") if x]
+
+
+def _sweep(args, extra) -> None:
+    from .report import format_table, table_rows
+    from .sweep import run_sweep
+    allocations = _csv(args.allocations)
+    bad = [a for a in allocations if a not in PRESETS]
+    if bad:
+        raise SystemExit(f"error: unknown allocation(s) {bad}; valid choices: {', '.join(PRESETS)}")
+    out = args.out or f"runs/sweep-{args.preset}"
+    results = run_sweep(args.preset, allocations, _csv(args.seeds, int), out, overrides=_split_overrides(extra),
+                        jobs=args.jobs, quiet=args.quiet)
+    print(format_table(table_rows(out, results)))
+    print(f"results: {out}/results.jsonl")
+
+
+def _report(args) -> None:
+    from .report import build_report
+    path = build_report(args.dir)
+    print((path.parent / "table1.md").read_text())
+    print(f"report: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manifold-muon", description="Muon and Manifold Muon with module-wise manifolds.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train GPT-2 (or the Llama variant) with one allocation.")
     t.add_argument("--preset", default="tiny-cpu", help="config preset: gpt2-small (the paper) or tiny-cpu (default)")
     t.add_argument("--allocation", default="hetero", help="allocation preset: " + ", ".join(PRESETS))
+    w = sub.add_parser("sweep", help="run allocations x seeds with everything else identical (resumable)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run every allocation x seed; a killed sweep, run again, skips finished runs "
+                                   "and resumes the others from their checkpoints. Extra --key=value are config "
+                                   "overrides applied to every run.")
+    w.add_argument("--preset", default="tiny-cpu", help="config preset: gpt2-small or tiny-cpu (default)")
+    w.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
+                   help="comma-separated allocation presets (default: the paper's five)")
+    w.add_argument("--seeds", default="1", help="comma-separated seeds (default 1)")
+    w.add_argument("--out", help="sweep directory (default runs/sweep-<preset>)")
+    w.add_argument("--jobs", type=int, default=1, help="parallel runs on the CPU (with GPUs: one run per GPU)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = sub.add_parser("report", help="Table 1, figures and report.md from a sweep directory",
+                       description="Write DIR/report/{report.md,table1.md,table1.csv,fig*.png}.")
+    r.add_argument("dir", help="a sweep directory (holds <allocation>-s<seed>/ runs)")
     return parser
 
 
@@ -89,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
             _prepare(args)
         elif args.command == "train":
             _train(args, extra)
+        elif args.command == "sweep":
+            _sweep(args, extra)
+        else:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _report(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -247,13 +247,13 @@ class Trainer:
                         board.add_scalars("loss", {"train": row["train_loss"], "val": row["val_loss"]}, it)
                 if it > self.start_iter and (it % ckpt_every == 0 or it == cfg.max_iters):
                     self._checkpoint(it)
+                if spectra and (it % spectral_every == 0 or it == cfg.max_iters):
+                    spectra.record(it, self._managed())
                 if it >= cfg.max_iters:
                     break
                 if it == cfg.fail_at_iter:
                     raise RuntimeError(f"injected failure at iteration {it} (fail_at_iter)")
                 collect = it % diag_every == 0
-                if spectra and it % spectral_every == 0:
-                    spectra.record(it, self._managed())
                 mechanics = attention_mechanics(self.model, mech_batch) if collect and self.main else None
                 t0 = time.perf_counter()
                 row = self.step(it, collect=collect)
@@ -280,8 +280,6 @@ class Trainer:
                         break
         finally:
             bar.close()
-            if spectra and it % spectral_every == 0 and status == "completed":
-                spectra.record(it, self._managed())  # the final weights
             for log in (metrics, evals, events, diags):
                 log.close()
             if board:

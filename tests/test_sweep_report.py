@@ -1,0 +1,72 @@
+"""A sweep resumes after a kill; a report is built from small real runs."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from manifold_muon.report import build_report
+from manifold_muon.runio import read_jsonl
+from manifold_muon.sweep import run_sweep
+from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
+
+ALLOCS = ["unconstrained", "hetero"]
+
+
+def overrides(data, **extra):
+    base = {"data_dir": str(data), "vocab_size": VOCAB, "n_embd": 32, "n_head": 2, "n_layer": 2, "block_size": 16,
+            "batch_size": 4, "max_iters": 12, "warmup_iters": 2, "lr_decay_iters": 12, "eval_interval": 4,
+            "eval_iters": 2, "dual_steps": 8}
+    base.update(extra)
+    return {k: str(v) for k, v in base.items()}
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):  # noqa: F811
+    straight = tmp_path / "straight"
+    run_sweep("tiny-cpu", ALLOCS, [1], straight, overrides=overrides(data_dir), quiet=True)
+    crashy = tmp_path / "crashy"
+    with pytest.raises(RuntimeError, match="failed; see their train.log"):  # every run "killed" at iteration 7
+        run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir, fail_at_iter=7), quiet=True)
+    assert not (crashy / "hetero-s1" / "summary.json").exists()
+    results = run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir), quiet=True)
+    for alloc in ALLOCS:
+        assert losses(crashy / f"{alloc}-s1") == losses(straight / f"{alloc}-s1")
+    assert {r["allocation"] for r in results} == set(ALLOCS)
+    stamp = (crashy / "hetero-s1" / "summary.json").stat().st_mtime_ns
+    run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir), quiet=True)  # nothing left to run
+    assert (crashy / "hetero-s1" / "summary.json").stat().st_mtime_ns == stamp
+    rows = read_jsonl(crashy / "results.jsonl")
+    assert [r["run"] for r in rows] == ["hetero-s1", "unconstrained-s1"] and all("verdict" in r for r in rows)
+
+
+def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "sweep"
+    run_sweep("tiny-cpu", ALLOCS, [1, 2], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7"), quiet=True)
+    # a third run that dies early: three consecutive non-finite steps with max_nonfinite=3
+    run_sweep("tiny-cpu", ["all-dgram"], [1], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7",
+                                                                          max_nonfinite=3), quiet=True)
+    path = build_report(out)
+    text = path.read_text()
+    for fig in ("fig1_val_loss.png", "fig2_sigma_max.png", "fig3_mechanism.png"):
+        assert f"]({fig})" in text
+        assert (path.parent / fig).read_bytes()[:4] == b"\x89PNG"
+    with open(path.parent / "table1.csv") as f:
+        rows = {r["allocation"]: r for r in csv.DictReader(f)}
+    assert rows["hetero"]["attention"] == "Stiefel" and rows["hetero"]["mlp"] == "DGram"
+    assert rows["unconstrained"]["attention"] == "None (Muon)"
+    finals = [json.loads((out / f"hetero-s{s}" / "summary.json").read_text())["final_val_loss"] for s in (1, 2)]
+    assert rows["hetero"]["final_val_loss"] == f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}"
+    assert rows["hetero"]["result"] == "stable (2/2)"
+    assert rows["all-dgram"]["result"] == "unstable (1/1; s1: early_termination @ 8)"
+    assert "| hetero | Stiefel | DGram | 2 |" in (path.parent / "table1.md").read_text()
+
+
+def test_report_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_report(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no finished run"):
+        build_report(tmp_path)
