@@ -64,7 +64,6 @@ def _csv(text: str, kind=str) -> list:
 
 
 def _sweep(args, extra) -> None:
-    from .report import format_table, table_rows
     from .sweep import run_sweep
     allocations = _csv(args.allocations)
     bad = [a for a in allocations if a not in PRESETS]
@@ -73,8 +72,8 @@ def _sweep(args, extra) -> None:
     out = args.out or f"runs/sweep-{args.preset}"
     results = run_sweep(args.preset, allocations, _csv(args.seeds, int), out, overrides=_split_overrides(extra),
                         jobs=args.jobs, quiet=args.quiet)
-    print(format_table(table_rows(out, results)))
-    print(f"results: {out}/results.jsonl")
+    stable = sum(r["stable"] for r in results)
+    print(f"{len(results)} runs, {stable} stable; results: {out}/results.jsonl (`manifold-muon report {out}` for Table 1)")
 
 
 def _report(args) -> None:
