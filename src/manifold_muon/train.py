@@ -221,7 +221,10 @@ class Trainer:
         events = JsonlLog(self.dir / "events.jsonl", keep_below_iter=keep, enabled=self.main)
         board = None
         if cfg.tensorboard and self.main:
-            from torch.utils.tensorboard import SummaryWriter  # needs: pip install tensorboard
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
             board = SummaryWriter(str(self.dir / "tensorboard"))
         diag_every = cfg.diag_interval or cfg.eval_interval
         spectral_every = max(diag_every, math.ceil(cfg.max_iters / MAX_RECORDS))

@@ -23,8 +23,10 @@ Two modes:
     - the warm start is the exact tangent projection ``G - W S`` with
       ``S_ij = (W^T G + G^T W)_ij / (k_i + k_j)``, ``k = diag(W^T W)``; this equals
       the paper's only where ``k = 1`` (Stiefel, Oblique);
-    - square Stiefel runs no dual steps: ``msign`` of the projected gradient is
-      already tangent (``W^T A`` is skew) and attains the dual bound;
+    - it starts from the better (lower dual value) of the exact warm start and a carried
+      multiplier (``dual_init``, e.g. the previous optimizer step's);
+    - square Stiefel therefore runs no dual steps: ``msign`` of the projected gradient is
+      already tangent (``W^T A`` is skew), attains the dual bound, and the early stop fires;
     - it stops when the scale-free violation ``RMS(H_ij / (d_i + d_j))``
       (``d`` = column norms) is below ``tol`` for every matrix of the stack;
     - a final *repair*: the exact tangent projection of ``A`` and a rescale to
@@ -128,7 +130,7 @@ class _NuclearDual:
         return _bdot(x, a), self.manifold.project(sym(self.w.mT @ a)), a
 
 
-def _lbfgs_direction(dual: _NuclearDual, s, steps, alpha, tol, history=10, backtracks=8):
+def _lbfgs_direction(dual: _NuclearDual, starts, steps, alpha, tol, history=10, backtracks=8):
     """Minimise the nuclear-norm dual by L-BFGS with per-matrix Armijo backtracking.
 
     Why not the paper's annealed gradient steps: at the optimum ``X`` typically has
@@ -137,7 +139,12 @@ def _lbfgs_direction(dual: _NuclearDual, s, steps, alpha, tol, history=10, backt
     direction.  Every scalar is per matrix, so a stack is solved as independent problems.
     """
     manifold, w = dual.manifold, dual.w
-    f, grad, a = dual(s)
+    s, (f, grad, a) = starts[0], dual(starts[0])
+    for other in starts[1:]:  # per matrix, start from the candidate with the lowest dual value
+        f2, g2, a2 = dual(other)
+        better = f2 < f
+        s, f, grad, a = (torch.where(better, other, s), torch.where(better, f2, f),
+                         torch.where(better, g2, grad), torch.where(better, a2, a))
     violation_start = _violation(manifold, w, a)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     gamma = torch.full_like(f, alpha)
@@ -184,14 +191,14 @@ def _improved(manifold, w, g, steps, alpha, tol, method, dtype, dual_init):
     n = w.shape[-1]
     scale = g.norm(dim=(-2, -1), keepdim=True) / math.sqrt(n)
     g = g / scale.clamp(min=1e-30)
+    # The exact tangent projection of G (X0 = G - W S0 is tangent) is always a candidate start:
+    # for square Stiefel it attains the dual bound, so the early stop returns it with no steps,
+    # even when a carried multiplier (dual_init) is offered and would be worse.
+    starts = [-gram_diag_solve(manifold.project(w.mT @ g + g.mT @ w), w.pow(2).sum(dim=-2))]
     if dual_init is not None:
-        s = manifold.project(sym(dual_init.to(g.dtype)))
-    else:  # exact tangent projection of G: X0 = G - W S0 is tangent
-        s = -gram_diag_solve(manifold.project(w.mT @ g + g.mT @ w), w.pow(2).sum(dim=-2))
-    if manifold.name == "stiefel" and w.shape[-2] == n:
-        steps = 0   # square Stiefel: the warm start attains the dual bound
+        starts.append(manifold.project(sym(dual_init.to(g.dtype))))
     a, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, method, dtype),
-                                                    s, steps, alpha, tol)
+                                                    starts, steps, alpha, tol)
     # Repair: exact tangent projection, then keep the spectral norm at most 1.
     a = a - w @ manifold.normal_coefficients(w, a)
     # The factor 1 + 1e-6 absorbs the Gram's float32 rounding so the bound holds strictly.
