@@ -82,9 +82,8 @@ def test_stack_and_wide_inputs_match_single_tall_solves():
     ws = torch.stack([point_on("dgram", 60, 20, seed=s) for s in range(3)]).float()
     gs = torch.stack([momentum_like(60, 20, seed=s) for s in range(3)]).float()
     stacked = manifold_direction(ws, gs, "dgram")
-    for i in range(3):
-        single = manifold_direction(ws[i], gs[i], "dgram")
-        assert (stacked[i] - single).norm() < 2e-2 * single.norm()
+    for i in range(3):  # converged matrices freeze, so a stack solves each matrix as if alone
+        torch.testing.assert_close(stacked[i], manifold_direction(ws[i], gs[i], "dgram"), atol=1e-6, rtol=0)
     wide = manifold_direction(ws[0].mT, gs[0].mT, "dgram")
     torch.testing.assert_close(wide, manifold_direction(ws[0], gs[0], "dgram").mT, atol=1e-6, rtol=0)
 

@@ -150,7 +150,10 @@ def _lbfgs_direction(dual: _NuclearDual, starts, steps, alpha, tol, history=10, 
     gamma = torch.full_like(f, alpha)
     taken = 0
     for _ in range(steps):
-        if bool((_scaled_violation(manifold, w, a) < tol).all()):
+        # A matrix that meets the tolerance is frozen, so each matrix's answer is the same
+        # whatever else shares its stack (what lets ranks split a stack; see distributed.py).
+        active = (_scaled_violation(manifold, w, a) >= tol)[..., None, None]
+        if not bool(active.any()):
             break
         taken += 1
         q, coeffs = grad.clone(), []
@@ -164,7 +167,7 @@ def _lbfgs_direction(dual: _NuclearDual, starts, steps, alpha, tol, history=10, 
         d = -q
         slope = _bdot(grad, d)
         t = torch.ones_like(f)
-        accepted = torch.zeros_like(f, dtype=torch.bool)
+        accepted = ~active
         s_new, f_new, g_new, a_new = s, f, grad, a
         for _ in range(backtracks):
             s_try = s + t * d
@@ -178,7 +181,7 @@ def _lbfgs_direction(dual: _NuclearDual, starts, steps, alpha, tol, history=10, 
             t = torch.where(accepted, t, 0.5 * t)
         sk, yk = s_new - s, g_new - grad
         sy = _bdot(sk, yk)
-        valid = sy > 1e-12 * _bdot(sk, sk).clamp(min=1e-30)
+        valid = active & (sy > 1e-12 * _bdot(sk, sk).clamp(min=1e-30))
         rho = torch.where(valid, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
         pairs.append((torch.where(valid, sk, 0.0), torch.where(valid, yk, 0.0), rho))
         pairs = pairs[-history:]

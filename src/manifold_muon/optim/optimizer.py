@@ -66,6 +66,7 @@ from collections import defaultdict
 import torch
 from torch.optim.adam import adam as _torch_adam
 
+from .distributed import gather_slices, owned_indices, world
 from .dual import DIRECTION_MODES, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
@@ -228,22 +229,26 @@ class ManifoldMuon(torch.optim.Optimizer):
         by_shape = defaultdict(list)  # batch same-shape matrices through one solve
         for p in params:
             by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
+        rank, world_size = world()
         for batch in by_shape.values():
-            g = torch.stack([_oriented(self._momentum_direction(group, p), group) for p in batch])
-            w = torch.stack([_oriented(p, group) for p in batch])
+            # every rank updates every momentum buffer (grads are identical after DDP) ...
+            g_all = torch.stack([_oriented(self._momentum_direction(group, p), group) for p in batch])
+            # ... and solves only its slice of the stack; an all_gather shares the results.
+            mine = owned_indices(len(batch), rank, world_size)
+            g = g_all[mine]
+            w = torch.stack([_oriented(batch[i], group) for i in mine])
             scale = lr * _lr_scale(group["adjust_lr"], w.shape)
-            result = None
+            result, duals = None, None
             if manifold.has_dual:
                 carry = group["carry_dual"] and group["mode"] == "improved"
-                states = [self.state[p] for p in batch]
+                states = [self.state[batch[i]] for i in mine]
                 dual_init = torch.stack([st["dual"] for st in states]) if carry and "dual" in states[0] else None
                 result = solve_direction(w, g, manifold, mode=group["mode"], steps=group["dual_steps"],
                                          alpha=group["dual_alpha"], tol=group["dual_tol"], dual_init=dual_init,
                                          msign_method=group["msign_method"], dtype=_msign_dtype(group))
                 a = result.direction
                 if carry:
-                    for st, dual in zip(states, result.dual):
-                        st["dual"] = dual
+                    duals = gather_slices(result.dual.to(w.dtype), len(batch), world_size)
             else:
                 a = msign(g, group["msign_method"], dtype=_msign_dtype(group))
             if wd:
@@ -251,10 +256,13 @@ class ManifoldMuon(torch.optim.Optimizer):
             w.add_(a.to(w.dtype), alpha=-scale)
             if manifold.name != "none":
                 w = manifold.retract(w)
-            for p, w_p in zip(batch, w):
-                _oriented(p, group).copy_(w_p)
-            if self.collect_stats:
-                self._record_stats(group, batch, manifold, g, a, w, result)
+            if self.collect_stats:  # before the gather: each rank reports the matrices it solved
+                self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result)
+            w_all = gather_slices(w, len(batch), world_size)
+            for i, p in enumerate(batch):
+                _oriented(p, group).copy_(w_all[i])
+                if duals is not None:
+                    self.state[p]["dual"] = duals[i]
 
     def _record_stats(self, group, batch, manifold, g, a, w, result):
         names = dict(zip(map(id, group["params"]), group.get("names", [])))

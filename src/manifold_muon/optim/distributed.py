@@ -1,0 +1,42 @@
+"""Sharing Muon's matrix work across ranks: each rank solves a contiguous slice of a stack of
+same-shape matrices, then an all_gather gives every rank every result.
+
+Gradients are identical on every rank after DDP's all-reduce, so every rank keeps all the
+(cheap, elementwise) momentum buffers and only the expensive part, the direction solve and
+the retraction, is split.  World size 1 is the same code: one slice holding everything.
+
+Cost per rank for ``k`` same-shape matrices on ``W`` ranks: ``ceil(k / W)`` solves plus one
+all_gather of ``k`` matrices (``k * m * n`` floats received), instead of ``k`` solves.  A
+rank whose slice would be short repeats the last matrix rather than idle in a ragged
+collective; the duplicates are dropped after the gather.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["world", "owned_indices", "gather_slices"]
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def owned_indices(k: int, rank: int, world_size: int) -> list[int]:
+    """The ``ceil(k / W)`` stack indices rank ``rank`` solves (the last one repeated as padding)."""
+    chunk = math.ceil(k / world_size)
+    return [min(i, k - 1) for i in range(rank * chunk, (rank + 1) * chunk)]
+
+
+def gather_slices(local: torch.Tensor, k: int, world_size: int) -> torch.Tensor:
+    """Every rank's ``local`` slice (same shape on each), concatenated in rank order, first ``k``."""
+    if world_size == 1:
+        return local[:k]
+    out = torch.empty((world_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(out, local.contiguous())
+    return out[:k]
