@@ -302,4 +302,11 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume, if the run directory holds a checkpoint) and return the summary."""
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    summary = trainer.run()  # on an exception torchrun stops the other ranks; no barrier then
+    if trainer.world > 1 and dist.is_initialized():
+        # Leave together: a rank that exits while a peer still talks to it makes gloo abort
+        # the peer (seen as an intermittent SIGABRT at the end of CPU DDP runs).
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
