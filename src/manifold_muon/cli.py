@@ -1,4 +1,4 @@
-"""``manifold-muon prepare | train | sweep | report`` (also ``python -m manifold_muon``)."""
+"""``manifold-muon prepare | train | sweep | report | bench`` (also ``python -m manifold_muon``)."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,15 @@ def _report(args) -> None:
     print(f"report: {path}")
 
 
+def _bench(args, extra) -> None:
+    from .bench import format_bench, run_bench, save_bench
+    result = run_bench(args.preset, allocations=_csv(args.allocations), rounds=args.rounds,
+                       overrides=_split_overrides(extra))
+    path = save_bench(result, args.out)
+    print(format_bench(result))
+    print(f"saved: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manifold-muon", description="Muon and Manifold Muon with module-wise manifolds.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="Table 1, figures and report.md from a sweep directory",
                        description="Write DIR/report/{report.md,table1.md,table1.csv,fig*.png}.")
     r.add_argument("dir", help="a sweep directory (holds <allocation>-s<seed>/ runs)")
+    b = sub.add_parser("bench", help="optimizer and whole-step time of AdamW, torch Muon, our Muon and Manifold Muon",
+                       description="Time every optimizer configuration side by side (interleaved rounds) on the "
+                                   "present device; print a table with ratios to AdamW and direction quality, "
+                                   "and save it as JSON. Extra --key=value are config overrides.")
+    b.add_argument("--preset", default="tiny-cpu", help="config preset (gpt2-small on a GPU is the paper's model)")
+    b.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv")
+    b.add_argument("--rounds", type=int, default=5, help="timed rounds after 2 warm-up rounds (default 5)")
+    b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
     return parser
 
 
@@ -130,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             _train(args, extra)
         elif args.command == "sweep":
             _sweep(args, extra)
+        elif args.command == "bench":
+            _bench(args, extra)
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")

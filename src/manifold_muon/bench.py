@@ -1,0 +1,138 @@
+"""``manifold-muon bench``: optimizer and whole-step time, side by side in one process.
+
+For one model and batch it times AdamW everywhere, ``torch.optim.Muon`` (+ AdamW for the
+rest), our Muon, and our Manifold Muon in paper and improved mode for each allocation.
+Configurations are interleaved round by round (A B C ... A B C ...), medians are reported,
+and every ratio is against AdamW's whole step measured in the same rounds.  Quality columns:
+the mean alignment ``<G, A> / ||G||_*`` and the largest tangent violation of the last step.
+Absolute times mean something only on a GPU; on a CPU read the ratios.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .config import make_config
+from .diagnostics import summarize_health
+from .model import GPT
+from .optim import ManifoldMuon, resolve
+
+__all__ = ["run_bench", "format_bench"]
+
+ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
+
+
+def _configs(allocations):
+    yield "adamw", "baseline", {}
+    yield "torch.optim.Muon", "torch-muon", {}
+    yield "muon (ours)", "unconstrained", {}
+    for alloc in allocations:
+        if alloc != "unconstrained":
+            for mode in ("paper", "improved"):
+                yield f"{alloc} [{mode}]", alloc, {"mode": mode}
+
+
+class _TorchMuon:
+    """torch.optim.Muon on the Muon-managed matrices, AdamW on the rest, as one step()."""
+
+    def __init__(self, model):
+        groups = resolve(model, "unconstrained")
+        muon = [p for g in groups if g["algorithm"] == "muon" for p in g["params"]]
+        rest = [g for g in groups if g["algorithm"] == "adamw"]
+        self.opts = [torch.optim.Muon(muon, lr=0.02, momentum=0.95, weight_decay=0.1),
+                     torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in rest],
+                                       lr=6e-4, betas=(0.9, 0.95))]
+        self.stats, self.collect_stats = {}, False
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, rounds: int = 5, warmup: int = 2,
+              overrides: dict[str, str] | None = None, device: str = "auto") -> dict:
+    cfg = make_config(preset, overrides or {})
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
+    y = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
+    setups = []
+    for label, alloc, extra in _configs(allocations):
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg.model).to(dev)
+        opt = _TorchMuon(model) if alloc == "torch-muon" else ManifoldMuon(
+            resolve(model, alloc, dual_steps=cfg.dual_steps if cfg.dual_steps >= 0 else None, **extra))
+        setups.append({"label": label, "model": model, "opt": opt, "fb": [], "opt_ms": []})
+
+    def one_step(s, timed):
+        _sync(dev)
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss = s["model"](x, y)
+        loss.backward()
+        _sync(dev)
+        t1 = time.perf_counter()
+        s["opt"].step()
+        _sync(dev)
+        t2 = time.perf_counter()
+        s["opt"].zero_grad(set_to_none=True)
+        if timed:
+            s["fb"].append((t1 - t0) * 1e3)
+            s["opt_ms"].append((t2 - t1) * 1e3)
+
+    for r in range(warmup + rounds):
+        for s in setups:  # interleaved rounds: drift in machine speed hits every config alike
+            one_step(s, timed=r >= warmup)
+    rows = []
+    base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
+    for s in setups:
+        s["opt"].collect_stats = True
+        one_step(s, timed=False)
+        health = summarize_health(s["opt"].stats)
+        managed = [h for h in health.values() if h["manifold"] != "none"]
+        step = [f + o for f, o in zip(s["fb"], s["opt_ms"])]
+        rows.append({"config": s["label"], "optimizer_ms": statistics.median(s["opt_ms"]),
+                     "step_ms": statistics.median(step),
+                     "step_ratio_vs_adamw": statistics.median(a / b for a, b in zip(step, base_rounds)),
+                     "alignment": statistics.mean(h["alignment_mean"] for h in health.values()) if health else None,
+                     "violation_max": max((h["violation_end_max"] for h in managed), default=None)})
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
+    return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
+            "preset": preset,
+            "tokens_per_step": cfg.batch_size * cfg.model.block_size, "rounds": rounds, "rows": rows}
+
+
+def format_bench(result: dict) -> str:
+    head = (f"{result['preset']} on {result['device']} (torch {result['torch']}), {result['tokens_per_step']} tokens/step, "
+            f"median of {result['rounds']} interleaved rounds\n")
+    cols = f"{'config':28s} {'opt ms':>9s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} {'viol max':>9s}\n"
+    body = ""
+    for r in result["rows"]:
+        align = f"{r['alignment']:.3f}" if r["alignment"] is not None else "-"
+        viol = f"{r['violation_max']:.1e}" if r["violation_max"] is not None else "-"
+        body += (f"{r['config']:28s} {r['optimizer_ms']:9.1f} {r['step_ms']:9.1f} {r['step_ratio_vs_adamw']:11.3f} "
+                 f"{align:>7s} {viol:>9s}\n")
+    return head + cols + body
+
+
+def save_bench(result: dict, out_dir="benchmarks/results") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_{result['date']}_{result['preset']}_{result['device_type']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
