@@ -38,5 +38,7 @@ def gather_slices(local: torch.Tensor, k: int, world_size: int) -> torch.Tensor:
     if world_size == 1:
         return local[:k]
     out = torch.empty((world_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(out, local.contiguous())
+    # PyTorch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; 2.11 has only the old name.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, local.contiguous())
     return out[:k]
