@@ -23,12 +23,15 @@ Two modes:
     - the warm start is the exact tangent projection ``G - W S`` with
       ``S_ij = (W^T G + G^T W)_ij / (k_i + k_j)``, ``k = diag(W^T W)``; this equals
       the paper's only where ``k = 1`` (Stiefel, Oblique);
+    - the dual is minimised by L-BFGS with per-matrix Armijo backtracking (up to
+      ``steps`` iterations; ``alpha`` is the first step before curvature is known);
     - it starts from the better (lower dual value) of the exact warm start and a carried
       multiplier (``dual_init``, e.g. the previous optimizer step's);
     - square Stiefel therefore runs no dual steps: ``msign`` of the projected gradient is
       already tangent (``W^T A`` is skew), attains the dual bound, and the early stop fires;
-    - it stops when the scale-free violation ``RMS(H_ij / (d_i + d_j))``
-      (``d`` = column norms) is below ``tol`` for every matrix of the stack;
+    - each matrix stops (is frozen) once its scale-free violation ``RMS(H_ij / (d_i + d_j))``
+      (``d`` = column norms) is below ``tol``, so a stack gives every matrix the answer it
+      would get alone;
     - a final *repair*: the exact tangent projection of ``A`` and a rescale to
       spectral norm <= 1.  This makes the result feasible to rounding whatever
       the dual reached.  It is what handles square DGram, where every
