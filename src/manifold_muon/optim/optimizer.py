@@ -129,10 +129,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         unknown = set(defaults) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown ManifoldMuon option(s) {sorted(unknown)}; valid: {', '.join(DEFAULTS)}")
-        super().__init__(params, {**DEFAULTS, **defaults})
-        for group in self.param_groups:
-            self._fill_algorithm_defaults(group)
-            self._validate(group)
+        super().__init__(params, {**DEFAULTS, **defaults})  # each group passes through add_param_group
         if project_init:
             self.project_to_manifolds()
         self.collect_stats = False
@@ -160,6 +157,8 @@ class ManifoldMuon(torch.optim.Optimizer):
                                  f"parameters, got shape {tuple(p.shape)}; use algorithm='adamw', manifold='none'")
 
     def add_param_group(self, param_group):
+        """torch's, then this optimizer's per-algorithm defaults and validation (the constructor
+        adds its groups through here too)."""
         super().add_param_group(param_group)
         self._fill_algorithm_defaults(self.param_groups[-1])
         self._validate(self.param_groups[-1])
