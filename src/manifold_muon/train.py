@@ -229,7 +229,8 @@ class Trainer:
         diag_every = cfg.diag_interval or cfg.eval_interval
         spectral_every = max(diag_every, math.ceil(cfg.max_iters / MAX_RECORDS))
         diags = JsonlLog(self.dir / "diagnostics.jsonl", keep_below_iter=keep, enabled=self.main)
-        spectra = SpectralRecorder(self.dir, self._managed()) if self.main and self._managed() else None
+        managed = self._managed()  # live parameter references: one dict serves the whole run
+        spectra = SpectralRecorder(self.dir, managed) if self.main and managed else None
         if spectra and self.resumed:
             spectra.truncate(keep)
         mech_batch = self._mechanics_batch()
@@ -251,7 +252,7 @@ class Trainer:
                 if it > self.start_iter and (it % ckpt_every == 0 or it == cfg.max_iters):
                     self._checkpoint(it)
                 if spectra and (it % spectral_every == 0 or it == cfg.max_iters):
-                    spectra.record(it, self._managed())
+                    spectra.record(it, managed)
                 if it >= cfg.max_iters:
                     break
                 if it == cfg.fail_at_iter:
