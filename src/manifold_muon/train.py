@@ -115,13 +115,15 @@ class Trainer:
         path = self.dir / "ckpt.pt"
         if not path.is_file():
             return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        # Load to CPU: the sampler's generator and the RNG states must stay CPU tensors; the model's
+        # and the optimizer's load_state_dict move their tensors to the parameters' device.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.start_iter, self.best_val = ckpt["iter"], ckpt["best_val"]
         self.nonfinite_streak = ckpt["nonfinite_streak"]
         return True
