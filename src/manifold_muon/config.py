@@ -63,7 +63,7 @@ def gpt2_small() -> TrainConfig:
 def tiny_cpu() -> TrainConfig:
     """A tiny GPT for the demo and the tests, sized for a 2-core CPU: 512 tokens per step,
     the full GPT-2 vocabulary (whose 50k-way softmax dominates the cost), and the improved
-    dual solver capped at 16 iterations (its default 64 costs ~0.3 s per step here)."""
+    dual solver capped at 16 iterations (its default of 128 costs far more than the model here)."""
     return TrainConfig(model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64), preset="tiny-cpu",
                        batch_size=8, max_iters=150, warmup_iters=15, lr_decay_iters=150, adamw_lr=3e-3,
                        min_lr=3e-4, eval_interval=25, eval_iters=4, dual_steps=16)

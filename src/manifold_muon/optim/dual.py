@@ -53,7 +53,7 @@ __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTIO
 
 DIRECTION_MODES = ("paper", "improved")
 PAPER_DEFAULTS = dict(steps=20, alpha=0.1, tol=1e-6)
-IMPROVED_DEFAULTS = dict(steps=64, alpha=0.05, tol=2e-4)
+IMPROVED_DEFAULTS = dict(steps=128, alpha=0.05, tol=2e-4)
 
 
 @dataclass
