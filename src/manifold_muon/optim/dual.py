@@ -45,11 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .manifolds import Manifold, as_tall, get_manifold, gram_diag_solve, sym
+from .manifolds import Manifold, as_tall, get_manifold, sym
 from .msign import msign
 
 __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES",
-           "alignment", "spectral_norm"]
+           "alignment", "spectral_norm", "singular_values"]
 
 DIRECTION_MODES = ("paper", "improved")
 PAPER_DEFAULTS = dict(steps=20, alpha=0.1, tol=1e-6)
@@ -67,17 +67,23 @@ class DirectionResult:
     violation_end: torch.Tensor      # ... of the returned A
 
 
+def singular_values(a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Singular values per matrix, ascending, from the eigenvalues of the small Gram: several
+    times cheaper than an SVD.  Computed in ``dtype`` (default float32, float64 for float64)."""
+    at, _ = as_tall(a)
+    work = at.to(dtype or (torch.float64 if at.dtype == torch.float64 else torch.float32))
+    return torch.linalg.eigvalsh(work.mT @ work).clamp(min=0).sqrt()
+
+
 def alignment(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``<G, A> / ||G||_*`` per matrix: 1 for Muon's unconstrained optimum."""
-    nuclear = torch.linalg.matrix_norm(g.float(), ord="nuc")
-    return (g.float() * a.float()).sum(dim=(-2, -1)) / nuclear.clamp(min=1e-30)
+    """``<G, A> / ||G||_*`` per matrix (float64): 1 for Muon's unconstrained optimum."""
+    nuclear = singular_values(g, torch.float64).sum(-1)
+    return (g.double() * a.double()).sum(dim=(-2, -1)) / nuclear.clamp(min=1e-30)
 
 
 def spectral_norm(a: torch.Tensor) -> torch.Tensor:
-    """``||A||_2`` per matrix, from the eigenvalues of the small Gram (cheaper than an SVD)."""
-    at, _ = as_tall(a)
-    work = at if at.dtype == torch.float64 else at.float()
-    return torch.linalg.eigvalsh(work.mT @ work)[..., -1].clamp(min=0).sqrt().to(a.dtype)
+    """``||A||_2`` per matrix."""
+    return singular_values(a)[..., -1].to(a.dtype)
 
 
 def _scaled_violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -85,10 +91,6 @@ def _scaled_violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> t
     d = w.norm(dim=-2)
     h = manifold.project(w.mT @ a + a.mT @ w)
     return (h / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp(min=1e-30)).pow(2).mean(dim=(-2, -1)).sqrt()
-
-
-def _violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return manifold.project(sym(w.mT @ a)).pow(2).mean(dim=(-2, -1)).sqrt()
 
 
 def _paper(manifold, w, g, steps, alpha, tol, method):
@@ -99,14 +101,14 @@ def _paper(manifold, w, g, steps, alpha, tol, method):
         a = msign(g + 2 * w @ project(sym(lam)), method, dtype=torch.bfloat16).to(g.dtype)
         h = project(w.mT @ a + a.mT @ w)
         if violation_start is None:
-            violation_start = _violation(manifold, w, a)
+            violation_start = manifold.tangent_violation(w, a)
         taken = k + 1
         if h.pow(2).mean().sqrt() < tol:   # the reference's (batch-wide) absolute test
             break
         lam = lam - alpha * (1 - k / steps) * h
     if a is None:  # steps == 0: the warm start's direction
         a = msign(g + 2 * w @ project(sym(lam)), method, dtype=torch.bfloat16).to(g.dtype)
-        violation_start = _violation(manifold, w, a)
+        violation_start = manifold.tangent_violation(w, a)
     return a, lam, taken, violation_start
 
 
@@ -148,7 +150,7 @@ def _lbfgs_direction(dual: _NuclearDual, starts, steps, alpha, tol, history=10, 
         better = f2 < f
         s, f, grad, a = (torch.where(better, other, s), torch.where(better, f2, f),
                          torch.where(better, g2, grad), torch.where(better, a2, a))
-    violation_start = _violation(manifold, w, a)
+    violation_start = manifold.tangent_violation(w, a)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     gamma = torch.full_like(f, alpha)
     taken = 0
@@ -200,7 +202,7 @@ def _improved(manifold, w, g, steps, alpha, tol, method, dtype, dual_init):
     # The exact tangent projection of G (X0 = G - W S0 is tangent) is always a candidate start:
     # for square Stiefel it attains the dual bound, so the early stop returns it with no steps,
     # even when a carried multiplier (dual_init) is offered and would be worse.
-    starts = [-gram_diag_solve(manifold.project(w.mT @ g + g.mT @ w), w.pow(2).sum(dim=-2))]
+    starts = [-manifold.normal_coefficients(w, g)]
     if dual_init is not None:
         starts.append(manifold.project(sym(dual_init.to(g.dtype))))
     a, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, method, dtype),
@@ -258,7 +260,7 @@ def solve_direction(
     else:
         a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, msign_method,
                                       dtype or work, dual_init)
-    v1 = _violation(manifold, w, a)
+    v1 = manifold.tangent_violation(w, a)
     a = a.mT if wide else a
     return DirectionResult(a.to(G.dtype), lam, taken, v0, v1)
 

@@ -67,7 +67,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .distributed import gather_slices, owned_indices, world
-from .dual import DIRECTION_MODES, solve_direction, spectral_norm
+from .dual import DIRECTION_MODES, alignment, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
 
@@ -265,11 +265,8 @@ class ManifoldMuon(torch.optim.Optimizer):
 
     def _record_stats(self, group, batch, manifold, g, a, w, result):
         names = dict(zip(map(id, group["params"]), group.get("names", [])))
-        g32, a32 = g.float(), a.float()
-        gram = g32.mT @ g32 if g32.shape[-2] >= g32.shape[-1] else g32 @ g32.mT
-        nuclear = torch.linalg.eigvalsh(gram.double()).clamp(min=0).sqrt().sum(-1)
-        align = (g32 * a32).sum(dim=(-2, -1)).double() / nuclear.clamp(min=1e-30)
-        momentum_norm = spectral_norm(g32)
+        align = alignment(g, a)
+        momentum_norm = spectral_norm(g.float())
         residual = manifold.residual(w.float())
         for i, p in enumerate(batch):
             self.stats[names.get(id(p), f"param{id(p)}")] = {
