@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .optim.allocation import ATTENTION, MLP
+from .optim.dual import spectral_norm
 
 __all__ = ["module_group", "SpectralRecorder", "read_spectral", "spectral_stats", "attention_mechanics",
            "softmax_jacobian_fro", "MAX_RECORDS", "summarize_health"]
@@ -138,7 +139,7 @@ def attention_mechanics(model, idx: torch.Tensor) -> list[dict]:
         p = torch.softmax(z, dim=-1)
         top2 = z[..., 1:, :].topk(2, dim=-1).values                          # rows with >= 2 keys
         entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
-        spectral = torch.linalg.matrix_norm(wq.float(), 2) * torch.linalg.matrix_norm(wk.float(), 2)
+        spectral = spectral_norm(wq.float()) * spectral_norm(wk.float())
         rows.append({"layer": layer, "logit_max_abs": z.masked_fill(~causal, 0).abs().max().item(),
                      "logit_gap": (top2[..., 0] - top2[..., 1]).mean().item(),
                      "entropy": entropy.mean().item(), "jacobian_fro": softmax_jacobian_fro(p).mean().item(),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .diagnostics import read_spectral
+from .diagnostics import module_group, read_spectral
 from .runio import read_jsonl
 from .stability import DEFAULT_THRESHOLDS
 from .sweep import collect_results
@@ -20,7 +20,6 @@ __all__ = ["build_report", "table_rows", "format_table"]
 
 
 def _constraint(run_dir: Path, group: str) -> str:
-    from .diagnostics import module_group
     rows = json.loads((run_dir / "allocation.json").read_text())
     found = {f"{r['algorithm']}/{r['manifold']}" for r in rows if module_group(r["name"]) == group}
     pretty = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "DGram", "muon/oblique": "Oblique",
