@@ -5,7 +5,7 @@ import torch
 from manifold_muon import MANIFOLDS, get_manifold, msign
 from conftest import point_on
 
-CONSTRAINED = ["stiefel", "dgram", "dgram-svd", "oblique"]
+CONSTRAINED = ["stiefel", "dgram", "dgram-svd", "dgram-capped", "oblique"]
 SHAPES = [(40, 16), (16, 40), (24, 24)]
 
 
@@ -69,6 +69,23 @@ def test_dgram_retraction_is_polar_times_column_norms():
     torch.testing.assert_close(get_manifold("dgram").retract(w), expected, atol=1e-9, rtol=0)
 
 
+def test_capped_dgram_clips_long_columns_to_the_cap_and_bounds_sigma_max():
+    from manifold_muon.optim.manifolds import DGram
+    w = point_on("dgram", 40, 6, colnorm_range=(0.2, 3.0), seed=5)
+    norms = w.norm(dim=0)
+    assert (norms > 1).any() and (norms < 1).any()
+    capped = get_manifold("dgram-capped")
+    assert capped.residual(w) > 0.1                       # over the cap: off the set
+    out = capped.retract(w)
+    torch.testing.assert_close(out.norm(dim=0), norms.clamp(max=1.0), atol=1e-9, rtol=0)
+    short = norms < 1
+    torch.testing.assert_close(out[:, short], w[:, short], atol=1e-9, rtol=0)   # short columns untouched
+    assert torch.linalg.matrix_norm(out, 2) <= 1 + 1e-9 and capped.residual(out) < 1e-9
+    assert torch.linalg.matrix_norm(DGram(cap=2.5).retract(w), 2) <= 2.5 + 1e-9
+    with pytest.raises(ValueError, match="cap must be a positive"):
+        DGram(cap=0.0)
+
+
 def test_spectral_retraction_clips_singular_values_only_above_one():
     u, _ = torch.linalg.qr(random((12, 5)))
     v, _ = torch.linalg.qr(random((5, 5), seed=1))
@@ -88,5 +105,5 @@ def test_stack_of_matrices_is_handled_per_matrix():
 def test_manifolds_are_immutable_and_unknown_names_list_the_choices():
     with pytest.raises(Exception):
         get_manifold("stiefel").name = "dgram"
-    with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, oblique, spectral"):
+    with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, dgram-capped, oblique, spectral"):
         get_manifold("grassmann")

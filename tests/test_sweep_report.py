@@ -63,6 +63,39 @@ def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811
     assert rows["hetero"]["result"] == "stable (2/2)"
     assert rows["all-dgram"]["result"] == "unstable (1/1; s1: early_termination @ 8)"
     assert "| hetero | Stiefel | DGram | 2 |" in (path.parent / "table1.md").read_text()
+    # the seed-gap test: hetero vs unconstrained, both with two seeds
+    others = [json.loads((out / f"unconstrained-s{s}" / "summary.json").read_text())["final_val_loss"] for s in (1, 2)]
+    gap = np.mean(finals) - np.mean(others)
+    spread = max(max(finals) - min(finals), max(others) - min(others))
+    assert f"| hetero - unconstrained | improved | 2 / 2 | {gap:+.4f} | {spread:.4f} |" in text
+    # the causal chain: every run has a row, the early-terminated one first with its divergence
+    assert "## The causal chain" in text and "](fig5_causal_chain.png)" in text
+    chain_lines = [line for line in text.splitlines() if line.startswith("| ") and "stages)" in line]
+    assert len(chain_lines) == 5 and chain_lines[0].startswith("| all-dgram-s1 | early_termination |")
+    assert "| 5 | yes" in chain_lines[0] or "| 5 | no" in chain_lines[0]  # divergence at the first NaN, iteration 5
+
+
+def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "modes"
+    with pytest.raises(ValueError, match="either as --modes or as --mode="):
+        run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"],
+                  overrides=overrides(data_dir, mode="paper"), quiet=True)
+    run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"], overrides=overrides(data_dir), quiet=True)
+    configs = {m: json.loads((out / f"hetero-{m}-s1" / "config.json").read_text()) for m in ("paper", "improved")}
+    assert configs["paper"]["mode"] == "paper" and configs["improved"]["mode"] == "improved"
+    configs["paper"].pop("mode"), configs["improved"].pop("mode")
+    configs["paper"].pop("out_dir"), configs["improved"].pop("out_dir")
+    assert configs["paper"] == configs["improved"]
+    assert losses(out / "hetero-paper-s1")[0] == losses(out / "hetero-improved-s1")[0]  # same init and batch
+    assert losses(out / "hetero-paper-s1")[-1] != losses(out / "hetero-improved-s1")[-1]
+    text = build_report(out).read_text()
+    assert "| hetero | paper | Stiefel | DGram | 1 |" in text and "| hetero | improved | Stiefel | DGram | 1 |" in text
+    assert "## Paper mode vs improved mode" in text and "](fig4_direction_quality.png)" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| hetero | ")]
+    cells = next(r for r in rows if len(r) == 9)  # the paper-vs-improved row
+    paper_attn, improved_attn = cells[5], cells[6]
+    # the improved directions are tangent (violation ~1e-7), the paper's are not
+    assert float(improved_attn.split("/")[1]) < 1e-5 < float(paper_attn.split("/")[1])
 
 
 def test_report_errors_are_clear(tmp_path):

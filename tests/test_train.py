@@ -151,6 +151,16 @@ def test_config_overrides_are_typed_and_checked():
         apply_overrides(cfg, {"n_layers": "3"})
     with pytest.raises(ValueError, match="bad value for max_iters"):
         apply_overrides(cfg, {"max_iters": "many"})
-    with pytest.raises(ValueError, match="valid choices: gpt2-small, tiny-cpu"):
+    with pytest.raises(ValueError, match="valid choices: gpt2-small, gpt2-reduced, cpu-small, tiny-cpu"):
         make_config("gpt2-medium")
     assert make_config("gpt2-small").batch_size * make_config("gpt2-small").model.block_size == 65536
+
+
+def test_dual_steps_caps_the_improved_solver_only():
+    from manifold_muon.train import _param_groups
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=VOCAB))
+    improved = _param_groups(model, make_config("tiny-cpu", {"allocation": "hetero", "dual_steps": "8"}))
+    paper = _param_groups(model, make_config("tiny-cpu", {"allocation": "hetero", "dual_steps": "8", "mode": "paper"}))
+    assert {g.get("dual_steps") for g in improved if g["algorithm"] == "muon"} == {8}
+    assert {g.get("dual_steps") for g in paper if g["algorithm"] == "muon"} == {None}  # the reference's 20
+    assert {g["mode"] for g in paper} == {"paper"}

@@ -19,6 +19,11 @@ every rank (DDP; nccl on GPUs, gloo on CPUs).
 """
 
 
+PRESET_HELP = ("gpt2-small (the paper: 124M, 65k tokens/step, 50k steps), gpt2-reduced (6 layers, d=384, one "
+               "epoch of data/local-corpus on a GPU), cpu-small (4 layers, d=64, on data/local-corpus, sized for a "
+               "CPU) or tiny-cpu (default; the demo's)")
+
+
 def _split_overrides(extra: list[str]) -> dict[str, str]:
     out = {}
     for item in extra:
@@ -70,8 +75,12 @@ def _sweep(args, extra) -> None:
     if bad:
         raise SystemExit(f"error: unknown allocation(s) {bad}; valid choices: {', '.join(PRESETS)}")
     out = args.out or f"runs/sweep-{args.preset}"
+    modes = _csv(args.modes) if args.modes else None
+    bad = [m for m in modes or [] if m not in ("improved", "paper")]
+    if bad:
+        raise SystemExit(f"error: unknown mode(s) {bad}; valid choices: improved, paper")
     results = run_sweep(args.preset, allocations, _csv(args.seeds, int), out, overrides=_split_overrides(extra),
-                        jobs=args.jobs, quiet=args.quiet)
+                        modes=modes, jobs=args.jobs, quiet=args.quiet)
     stable = sum(r["stable"] for r in results)
     print(f"{len(results)} runs, {stable} stable; results: {out}/results.jsonl (`manifold-muon report {out}` for Table 1)")
 
@@ -107,17 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run (resumes a run dir that holds ckpt.pt)", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train GPT-2 (or the Llama variant) with one allocation.")
-    t.add_argument("--preset", default="tiny-cpu", help="config preset: gpt2-small (the paper) or tiny-cpu (default)")
+    t.add_argument("--preset", default="tiny-cpu", help="config preset: " + PRESET_HELP)
     t.add_argument("--allocation", default="hetero", help="allocation preset: " + ", ".join(PRESETS))
     w = sub.add_parser("sweep", help="run allocations x seeds with everything else identical (resumable)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run every allocation x seed; a killed sweep, run again, skips finished runs "
                                    "and resumes the others from their checkpoints. Extra --key=value are config "
                                    "overrides applied to every run.")
-    w.add_argument("--preset", default="tiny-cpu", help="config preset: gpt2-small or tiny-cpu (default)")
+    w.add_argument("--preset", default="tiny-cpu", help="config preset: " + PRESET_HELP)
     w.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
                    help="comma-separated allocation presets (default: the paper's five)")
     w.add_argument("--seeds", default="1", help="comma-separated seeds (default 1)")
+    w.add_argument("--modes", help="direction-solver modes to compare, e.g. paper,improved: every allocation x seed "
+                                   "runs once per mode, in <allocation>-<mode>-s<seed>/ (default: the preset's "
+                                   "mode, improved, in <allocation>-s<seed>/)")
     w.add_argument("--out", help="sweep directory (default runs/sweep-<preset>)")
     w.add_argument("--jobs", type=int, default=1, help="parallel runs on the CPU (with GPUs: one run per GPU)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,6 +1,8 @@
-"""``manifold-muon report DIR``: Table 1 (Markdown + CSV), Figure 1 (val loss), Figure 2
-(sigma_max of the attention and MLP groups, max over each group as the paper), and a mechanism
-figure (logit scale, attention entropy, softmax-Jacobian norm), linked from ``report.md``."""
+"""``manifold-muon report DIR``: Table 1 (Markdown + CSV), the seed-gap test, Figure 1 (val
+loss), Figure 2 (sigma_max of the attention and MLP groups, max over each group as the paper),
+the mechanism figure, direction quality over training, and the causal chain of each run, all
+linked from ``report.md``.  A sweep that compares direction-solver modes (``--modes``) gets one
+row per (allocation, mode) and a paper-vs-improved table."""
 from __future__ import annotations
 
 import csv
@@ -11,24 +13,32 @@ from pathlib import Path
 
 import numpy as np
 
-from .diagnostics import module_group, read_spectral
-from .runio import read_jsonl
+from .analysis import (CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_iter, health_curve, seed_gap,
+                       sigma_max_curve)
+from .diagnostics import module_group
+from .figures import make_figures, plot_causal_chains
 from .stability import DEFAULT_THRESHOLDS
 from .sweep import collect_results
 
-__all__ = ["build_report", "table_rows", "format_table"]
+__all__ = ["build_report", "table_rows", "format_table", "gap_rows", "chain_rows", "mode_rows"]
+
+PRETTY = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "DGram", "muon/oblique": "Oblique",
+          "muon/dgram-capped": "DGram, capped", "muon/dgram-svd": "DGram (SVD retraction)",
+          "adamw/none": "AdamW", "adamw/stiefel": "AdamW+Stiefel", "adamw/spectral": "AdamW+spectral"}
 
 
 def _constraint(run_dir: Path, group: str) -> str:
     rows = json.loads((run_dir / "allocation.json").read_text())
     found = {f"{r['algorithm']}/{r['manifold']}" for r in rows if module_group(r["name"]) == group}
-    pretty = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "DGram", "muon/oblique": "Oblique",
-              "adamw/none": "AdamW", "adamw/stiefel": "AdamW+Stiefel", "adamw/spectral": "AdamW+spectral"}
-    return ", ".join(sorted(pretty.get(f, f) for f in found)) or "-"
+    return ", ".join(sorted(PRETTY.get(f, f) for f in found)) or "-"
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and np.isfinite(v)]
 
 
 def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None and np.isfinite(v)]
+    values = _finite(values)
     if not values:
         return "-"
     if len(values) == 1:
@@ -36,125 +46,135 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def table_rows(out_dir, results: list[dict]) -> list[dict]:
-    """Table 1: one row per allocation, in the sweep's order, aggregated over seeds."""
-    out_dir = Path(out_dir)
-    by_alloc: dict[str, list[dict]] = defaultdict(list)
+def _by_variant(out_dir: Path, results: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Runs grouped by (allocation, mode), in the sweep's allocation order, then mode."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
-        by_alloc[r["allocation"]].append(r)
-    order = json.loads((out_dir / "sweep.json").read_text())["allocations"] if (out_dir / "sweep.json").is_file() else []
-    order = [a for a in order if a in by_alloc] + sorted(a for a in by_alloc if a not in order)
+        groups[(r["allocation"], r.get("mode", "improved"))].append(r)
+    sweep = out_dir / "sweep.json"
+    order = json.loads(sweep.read_text())["allocations"] if sweep.is_file() else []
+    rank = {a: i for i, a in enumerate(order)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0][0], len(rank)), kv[0][0], kv[0][1])))
+
+
+def _modes(results: list[dict]) -> list[str]:
+    return sorted({r.get("mode", "improved") for r in results})
+
+
+def _result_text(runs: list[dict]) -> str:
+    unstable = [r for r in runs if not r["stable"]]
+    if not unstable:
+        return f"stable ({len(runs)}/{len(runs)})"
+    reasons = ", ".join(f"s{r['seed']}: {r['criterion']} @ {r['criterion_iter']}" for r in unstable)
+    return f"unstable ({len(unstable)}/{len(runs)}; {reasons})"
+
+
+def table_rows(out_dir, results: list[dict]) -> list[dict]:
+    """Table 1: one row per allocation (and mode), in the sweep's order, aggregated over seeds."""
+    out_dir = Path(out_dir)
     rows = []
-    for alloc in order:
-        runs = by_alloc[alloc]
-        unstable = [r for r in runs if not r["stable"]]
-        if not unstable:
-            result = f"stable ({len(runs)}/{len(runs)})"
-        else:
-            reasons = ", ".join(f"s{r['seed']}: {r['criterion']} @ {r['criterion_iter']}" for r in unstable)
-            result = f"unstable ({len(unstable)}/{len(runs)}; {reasons})"
+    for (alloc, mode), runs in _by_variant(out_dir, results).items():
         first = out_dir / runs[0]["run"]
-        rows.append({"allocation": alloc, "attention": _constraint(first, "attention"), "mlp": _constraint(first, "mlp"),
-                     "seeds": len(runs), "final_val_loss": _mean_std([r["final_val_loss"] for r in runs]),
-                     "best_val_loss": _mean_std([r["best_val_loss"] for r in runs]), "result": result})
+        rows.append({"allocation": alloc, "mode": mode, "attention": _constraint(first, "attention"),
+                     "mlp": _constraint(first, "mlp"), "seeds": len(runs),
+                     "final_val_loss": _mean_std([r["final_val_loss"] for r in runs]),
+                     "best_val_loss": _mean_std([r["best_val_loss"] for r in runs]), "result": _result_text(runs)})
     return rows
 
 
-COLUMNS = [("allocation", "Allocation"), ("attention", "Attention"), ("mlp", "MLP"), ("seeds", "Seeds"),
-           ("final_val_loss", "Final val loss"), ("best_val_loss", "Best val loss"), ("result", "Result")]
+COLUMNS = [("allocation", "Allocation"), ("mode", "Mode"), ("attention", "Attention"), ("mlp", "MLP"),
+           ("seeds", "Seeds"), ("final_val_loss", "Final val loss"), ("best_val_loss", "Best val loss"),
+           ("result", "Result")]
+
+
+def _markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(t for _, t in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(str(r[k]) for k, _ in columns) + " |\n" for r in rows)
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(t for _, t in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(str(r[k]) for k, _ in COLUMNS) + " |\n" for r in rows)
+    """Table 1 as Markdown; the Mode column only when the rows have more than one mode."""
+    several = len({r["mode"] for r in rows}) > 1
+    return _markdown(rows, [c for c in COLUMNS if several or c[0] != "mode"])
 
 
-def _series_by_alloc(out_dir: Path, results: list[dict], load) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    series = defaultdict(list)
+def gap_rows(out_dir, results: list[dict]) -> list[dict]:
+    """For each pair of :data:`GAP_PAIRS` present with two or more seeds (per mode): the gap in
+    final val loss against the seed-to-seed spread (:func:`manifold_muon.analysis.seed_gap`)."""
+    variants = _by_variant(Path(out_dir), results)
+    rows = []
+    for mode in _modes(results):
+        for a, b in GAP_PAIRS:
+            if (a, mode) not in variants or (b, mode) not in variants:
+                continue
+            g = seed_gap([r["final_val_loss"] for r in variants[(a, mode)]],
+                         [r["final_val_loss"] for r in variants[(b, mode)]])
+            if g is None:
+                continue
+            verdict = ("larger than the spread" + (", seeds separated" if g["separated"] else "")
+                       if g["exceeds_spread"] else "within the spread")
+            rows.append({"pair": f"{a} - {b}", "mode": mode, "seeds": f"{g['n_a']} / {g['n_b']}",
+                         "gap": f"{g['gap']:+.4f}", "spread": f"{g['spread']:.4f}",
+                         "stds": f"{g['std_a']:.4f} / {g['std_b']:.4f}", "verdict": verdict})
+    return rows
+
+
+GAP_COLUMNS = [("pair", "Pair (a - b)"), ("mode", "Mode"), ("seeds", "Seeds"), ("gap", "Gap in mean final val loss"),
+               ("spread", "Seed spread (max range)"), ("stds", "Std a / b"), ("verdict", "Gap is")]
+
+
+def chain_rows(out_dir, results: list[dict], *, factor: float = 2.0) -> list[tuple[dict, dict]]:
+    """``(result_row, chain)`` for every run, unstable runs first, then by attention sigma_max growth."""
+    out_dir = Path(out_dir)
+    pairs = []
     for r in results:
-        xy = load(out_dir / r["run"])
-        if xy is not None and len(xy[0]):
-            series[r["allocation"]].append(xy)
-    return series
+        cfg = json.loads((out_dir / r["run"] / "config.json").read_text())
+        chain = causal_chain(out_dir / r["run"], start_iter=cfg["warmup_iters"],
+                             divergence_iter=divergence_iter(out_dir / r["run"], r), factor=factor)
+        curve = sigma_max_curve(out_dir / r["run"], "attention")
+        growth = float(np.nanmax(curve[1]) / curve[1][0]) if curve is not None and curve[1][0] > 0 else 0.0
+        pairs.append((r, chain, growth))
+    pairs.sort(key=lambda t: (t[0]["stable"], -t[2]))
+    return [(r, c) for r, c, _ in pairs]
 
 
-def _val_curve(run_dir: Path):
-    evals = read_jsonl(run_dir / "eval.jsonl")
-    return np.array([e["iter"] for e in evals]), np.array([e["val_loss"] for e in evals], dtype=float)
+def _chain_markdown(chains: list[tuple[dict, dict]]) -> str:
+    columns = [("run", "Run"), ("result", "Result")] + [(s, CHAIN_LABELS[s]) for s in CHAIN] + [("order", "In chain order")]
+    rows = []
+    for r, c in chains:
+        row = {"run": r["run"], "result": "stable" if r["stable"] else r["criterion"],
+               "order": ("yes" if c["in_order"] else "no") + f" ({c['reached']}/{len(CHAIN)} stages)"}
+        row.update({s: "-" if c["onsets"][s] is None else c["onsets"][s] for s in CHAIN})
+        rows.append(row)
+    return _markdown(rows, columns)
 
 
-def _sigma_max(group: str):
-    def load(run_dir: Path):
-        header, rec = read_spectral(run_dir)
-        if header is None or not len(rec):
-            return None
-        idx = [i for i, g in enumerate(header["groups"]) if g == group]
-        if not idx:
-            return None
-        return rec["iter"], np.max(np.stack([rec[f"sv{i}"][:, 0] for i in idx]), axis=0)
-    return load
+def mode_rows(out_dir, results: list[dict]) -> list[dict]:
+    """Paper vs improved, per allocation: final val loss, stability, and the run-mean direction
+    quality (alignment and max tangent violation) of the attention and MLP groups."""
+    out_dir = Path(out_dir)
+    variants = _by_variant(out_dir, results)
+    rows = []
+    for alloc in dict.fromkeys(a for a, _ in variants):
+        row = {"allocation": alloc}
+        for mode in ("paper", "improved"):
+            runs = variants.get((alloc, mode), [])
+            row[f"{mode}_val"] = _mean_std([r["final_val_loss"] for r in runs]) if runs else "-"
+            row[f"{mode}_result"] = _result_text(runs) if runs else "-"
+            for group in ("attention", "mlp"):
+                align = [health_curve(out_dir / r["run"], group, "alignment_mean") for r in runs]
+                viol = [health_curve(out_dir / r["run"], group, "violation_end_max") for r in runs]
+                align = [float(np.mean(c[1])) for c in align if c is not None]
+                viol = [float(np.max(c[1])) for c in viol if c is not None]
+                row[f"{mode}_{group}"] = (f"{np.mean(align):.3f} / {max(viol):.0e}" if align else "-")
+        rows.append(row)
+    return rows
 
 
-def _mechanism(key: str, reduce):
-    def load(run_dir: Path):
-        rows = [d for d in read_jsonl(run_dir / "diagnostics.jsonl") if d.get("mechanics")]
-        if not rows:
-            return None
-        return np.array([d["iter"] for d in rows]), np.array([reduce([m[key] for m in d["mechanics"]]) for d in rows])
-    return load
-
-
-def _plot_panel(ax, series, *, title, ylabel, log=False):
-    styles = ["-", "--", "-.", ":", (0, (5, 1))]  # overlapping curves (all at sigma = 1) stay visible
-    for i, (alloc, runs) in enumerate(sorted(series.items())):
-        for j, (x, y) in enumerate(runs):
-            ax.plot(x, y, color=f"C{i}", ls=styles[i % len(styles)], alpha=0.9 if len(runs) == 1 else 0.5, lw=1.8,
-                    label=alloc if j == 0 else None)
-    ax.set_title(title)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=8)
-
-
-def _figures(out_dir: Path, results: list[dict], fig_dir: Path) -> dict[str, str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    made = {}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _plot_panel(ax, _series_by_alloc(out_dir, results, _val_curve), title="Figure 1: validation loss",
-                ylabel="val loss (nats/token)")
-    fig.tight_layout()
-    fig.savefig(fig_dir / "fig1_val_loss.png", dpi=120)
-    made["fig1"] = "fig1_val_loss.png"
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, group, name in zip(axes, ("attention", "mlp"), ("attention (c_attn, attn.c_proj)", "MLP (c_fc, mlp.c_proj)")):
-        _plot_panel(ax, _series_by_alloc(out_dir, results, _sigma_max(group)), title=f"sigma_max, {name}: max over group",
-                    ylabel="largest singular value (log)", log=True)
-    fig.suptitle("Figure 2: spectral growth")
-    fig.tight_layout()
-    fig.savefig(fig_dir / "fig2_sigma_max.png", dpi=120)
-    made["fig2"] = "fig2_sigma_max.png"
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    panels = [("logit_max_abs", max, "logit scale max|z| (max over layers)", "max |z| (log)", True),
-              ("entropy", min, "attention entropy (min over layers)", "entropy (nats)", False),
-              ("jacobian_fro", min, "softmax-Jacobian norm (min over layers)", "||diag(p) - pp^T||_F (log)", True)]
-    for ax, (key, reduce, title, ylabel, log) in zip(axes, panels):
-        _plot_panel(ax, _series_by_alloc(out_dir, results, _mechanism(key, reduce)), title=title, ylabel=ylabel, log=log)
-    fig.suptitle("Mechanism diagnostics on a fixed validation batch: logit scale, entropy, softmax Jacobian")
-    fig.tight_layout()
-    fig.savefig(fig_dir / "fig3_mechanism.png", dpi=120)
-    made["fig3"] = "fig3_mechanism.png"
-    plt.close(fig)
-    return made
+MODE_COLUMNS = [("allocation", "Allocation"), ("paper_val", "Paper: final val"), ("paper_result", "Paper: result"),
+                ("improved_val", "Improved: final val"), ("improved_result", "Improved: result"),
+                ("paper_attention", "Paper attn: align / viol"), ("improved_attention", "Improved attn: align / viol"),
+                ("paper_mlp", "Paper MLP: align / viol"), ("improved_mlp", "Improved MLP: align / viol")]
 
 
 def build_report(out_dir) -> Path:
@@ -174,16 +194,23 @@ def build_report(out_dir) -> Path:
         writer = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    figs = _figures(out_dir, results, report_dir)
+    figs = make_figures(out_dir, results, report_dir)
     cfg = json.loads((out_dir / results[0]["run"] / "config.json").read_text())
+    chains = chain_rows(out_dir, results)
+    chain_fig = plot_causal_chains(out_dir, chains, report_dir / "fig5_causal_chain.png", start_iter=cfg["warmup_iters"])
     m = cfg["model"]
     tokens = cfg["batch_size"] * cfg["grad_accum"] * m["block_size"]
     thresholds = ", ".join(f"{k}={v}" for k, v in DEFAULT_THRESHOLDS.items())
-    text = f"""# Report: {out_dir.name}
+    modes = _modes(results)
+    gaps = gap_rows(out_dir, results)
+    gap_text = (_markdown(gaps, GAP_COLUMNS) if gaps else
+                "No pair of the compared allocations has two or more seeds with finite final losses.\n")
+    sections = [f"""# Report: {out_dir.name}
 
 Setup: preset `{cfg['preset']}`, {m['arch']} with {m['n_layer']} layers, d={m['n_embd']}, {m['n_head']} heads,
 context {m['block_size']}; {cfg['max_iters']} iterations of {tokens:,} tokens (per process); data `{cfg['data_dir']}`;
-direction solver mode `{cfg['mode']}`. Only the allocation (and the seed) differs between runs.
+direction solver mode(s): {', '.join(f'`{x}`' for x in modes)}. Only the allocation{' and the mode' if len(modes) > 1 else ''}
+(and the seed) differ between runs.
 
 ## Table 1
 
@@ -191,7 +218,20 @@ direction solver mode `{cfg['mode']}`. Only the allocation (and the seed) differ
 Final val loss is the last evaluation; mean ± std over seeds where there are several.
 Stability: the classifier of `manifold_muon.stability` (thresholds: {thresholds}).
 
-## Figure 1: validation loss
+## Is the gap larger than the seed-to-seed spread?
+
+{gap_text}
+The spread is the larger range (max - min over seeds) of the two allocations; with few seeds
+this is a rough test, not a p-value.
+"""]
+    if len(modes) > 1:
+        sections.append(f"""## Paper mode vs improved mode
+
+{_markdown(mode_rows(out_dir, results), MODE_COLUMNS)}
+align: the direction's alignment `<G,A>/||G||_*`, mean over the run's diagnostics and the
+group's matrices; viol: the largest tangent violation `RMS(P(sym(W^T A)))` seen.
+""")
+    sections.append(f"""## Figure 1: validation loss
 
 ![Figure 1]({figs['fig1']})
 
@@ -202,9 +242,25 @@ Stability: the classifier of `manifold_muon.stability` (thresholds: {thresholds}
 ## Mechanism diagnostics
 
 ![Mechanism]({figs['fig3']})
+""")
+    if "fig4" in figs:
+        sections.append(f"""## Direction quality over training
+
+![Direction quality]({figs['fig4']})
+""")
+    sections.append(f"""## The causal chain
+
+Onset iteration of each stage, against the run's own value at the end of warmup (iteration
+{cfg['warmup_iters']}): attention sigma_max and logit scale doubling, entropy and softmax-Jacobian
+norm halving, and divergence (first non-finite step or the classifier's verdict). "In chain
+order" means the stages that happened did so in this order (ties allowed: diagnostics are
+sampled every `diag_interval` iterations). Stable runs are shown too, as controls.
+
+{_chain_markdown(chains)}
+{f'![Causal chain]({chain_fig})' if chain_fig else ''}
 
 Files: [table1.md](table1.md), [table1.csv](table1.csv); per run: `eval.jsonl`, `metrics.jsonl`,
 `diagnostics.jsonl`, `spectral.bin` (+ `spectral.json`), `summary.json`.
-"""
-    (report_dir / "report.md").write_text(text)
+""")
+    (report_dir / "report.md").write_text("\n".join(sections))
     return report_dir / "report.md"

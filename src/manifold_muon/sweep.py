@@ -1,7 +1,8 @@
-"""Sweeps: every allocation x seed with all other settings identical.
+"""Sweeps: every allocation x seed (x direction-solver mode) with all other settings identical.
 
 Each run is ``manifold-muon train`` in its own process (a crash or a leak in one run cannot
-take the sweep down), in ``OUT/<allocation>-s<seed>/`` with its output in ``train.log``.
+take the sweep down), in ``OUT/<allocation>-s<seed>/`` (``OUT/<allocation>-<mode>-s<seed>/`` when the sweep compares
+several modes) with its output in ``train.log``.
 Runs go one after another, ``jobs`` at a time on the CPU (threads split between them), or
 one per GPU.  A killed sweep, run again, skips finished runs and resumes unfinished ones from
 their checkpoints.  ``results.jsonl`` gets one line per run with its summary and the
@@ -30,8 +31,9 @@ __all__ = ["run_sweep", "collect_results", "run_name"]
 FINISHED = ("completed", "early_termination")
 
 
-def run_name(allocation: str, seed: int) -> str:
-    return f"{allocation}-s{seed}"
+def run_name(allocation: str, seed: int, mode: str | None = None) -> str:
+    """``<allocation>-s<seed>``, or ``<allocation>-<mode>-s<seed>`` when a sweep compares modes."""
+    return f"{allocation}-{mode}-s{seed}" if mode else f"{allocation}-s{seed}"
 
 
 def _is_finished(run_dir: Path, max_iters: int) -> bool:
@@ -68,26 +70,46 @@ def collect_results(out_dir) -> list[dict]:
     return rows
 
 
+def _record_sweep(path: Path, spec: dict) -> None:
+    """Write the sweep's spec; lists (allocations, seeds, modes) merge with an earlier spec's."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("allocations", "seeds", "modes"):
+            spec[key] = list(dict.fromkeys(old.get(key, []) + spec[key]))
+    write_json(path, spec)
+
+
 def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *, overrides: dict[str, str] | None = None,
-              jobs: int = 1, quiet: bool = False) -> list[dict]:
-    """Run the sweep and return its results; raises if any run failed (after running the rest)."""
+              modes: list[str] | None = None, jobs: int = 1, quiet: bool = False) -> list[dict]:
+    """Run the sweep and return its results; raises if any run failed (after running the rest).
+
+    ``modes``: direction-solver modes to compare (e.g. ``["paper", "improved"]``); every
+    allocation x seed runs once per mode, and run names carry the mode.  None: the preset's
+    (or ``overrides``') mode.  A sweep run again into the same directory with more
+    allocations, seeds or modes adds those runs; ``sweep.json`` keeps the union."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
+    if modes and "mode" in overrides:
+        raise ValueError("give the mode either as --modes or as --mode=, not both")
+    axis = list(modes) if modes else [None]
     gpus = torch.cuda.device_count()
     jobs = gpus if gpus else max(1, jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    write_json(out_dir / "sweep.json", {"preset": preset, "allocations": allocations, "seeds": seeds,
-                                        "overrides": overrides, "jobs": jobs})
+    _record_sweep(out_dir / "sweep.json", {"preset": preset, "allocations": allocations, "seeds": seeds,
+                                           "modes": [m for m in axis if m], "overrides": overrides, "jobs": jobs})
     todo = []
     for allocation in allocations:
-        for seed in seeds:
-            run_overrides = {**overrides, "allocation": allocation, "seed": str(seed),
-                             "out_dir": str(out_dir / run_name(allocation, seed)), "quiet": "true"}
-            cfg = make_config(preset, run_overrides)  # validates every override before anything runs
-            if not _is_finished(Path(cfg.out_dir), cfg.max_iters):
-                todo.append(run_overrides)
-    skipped = len(allocations) * len(seeds) - len(todo)
+        for mode in axis:
+            for seed in seeds:
+                run_overrides = {**overrides, "allocation": allocation, "seed": str(seed),
+                                 "out_dir": str(out_dir / run_name(allocation, seed, mode)), "quiet": "true"}
+                if mode:
+                    run_overrides["mode"] = mode
+                cfg = make_config(preset, run_overrides)  # validates every override before anything runs
+                if not _is_finished(Path(cfg.out_dir), cfg.max_iters):
+                    todo.append(run_overrides)
+    skipped = len(allocations) * len(axis) * len(seeds) - len(todo)
     if skipped and not quiet:
         print(f"{skipped} finished run(s) skipped; {len(todo)} to run")
 

@@ -101,6 +101,9 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
     "all-dgram": _split(lambda p: _muon(p, "dgram"), lambda p: _muon(p, "dgram")),
     "hetero": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "dgram")),
     "hetero-inv": _split(lambda p: _muon(p, "dgram"), lambda p: _muon(p, "stiefel")),
+    # scale control (beyond the paper): DGram with column norms, hence sigma_max, capped at 1
+    "all-dgram-capped": _split(lambda p: _muon(p, "dgram-capped"), lambda p: _muon(p, "dgram-capped")),
+    "hetero-inv-capped": _split(lambda p: _muon(p, "dgram-capped"), lambda p: _muon(p, "stiefel")),
     # the seed plan's nine
     "baseline": _split(_adamw, _adamw),
     "muon_all": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),

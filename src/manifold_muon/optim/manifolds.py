@@ -150,15 +150,24 @@ class DGram(Manifold):
     exactly the identity on DGram points (their polar factor is ``W diag(1/|w_j|)``).
     ``retraction="svd"`` is the paper's ``U V^T diag(S)``; it assigns the j-th largest
     singular value to the j-th column, so it permutes column norms that are not sorted.
+
+    ``cap`` (scale control, beyond the paper): after each retraction, columns longer than
+    ``cap`` are shortened to it.  On DGram the singular values *are* the column norms, so
+    this bounds ``sigma_max(W) <= cap`` while leaving columns free to shrink; the direction
+    is DGram's (the cap acts as a projection, as weight clipping would).  ``dgram-capped``
+    uses ``cap=1``, the Stiefel scale.
     """
 
     name: str = "dgram"
     has_dual: bool = True
     retraction: str = "polar_colnorm"
+    cap: float | None = None
 
     def __post_init__(self):
         if self.retraction not in ("polar_colnorm", "svd"):
             raise ValueError(f"unknown DGram retraction {self.retraction!r}; valid choices: polar_colnorm, svd")
+        if self.cap is not None and not self.cap > 0:
+            raise ValueError(f"DGram cap must be a positive column norm (or None for no cap), got {self.cap!r}")
 
     def project(self, s):
         return s * (1 - _eye_like(s.shape[-1], s))
@@ -167,15 +176,26 @@ class DGram(Manifold):
         if self.retraction == "svd":
             work = w if w.dtype == torch.float64 else w.float()
             u, s, vh = torch.linalg.svd(work, full_matrices=False)
-            return ((u @ vh) * s.unsqueeze(-2)).to(w.dtype)
-        return (_polar(w, exact) * w.norm(dim=-2, keepdim=True)).to(w.dtype)
+            return self._clip_columns((u @ vh) * s.unsqueeze(-2)).to(w.dtype)
+        return self._clip_columns(_polar(w, exact) * w.norm(dim=-2, keepdim=True)).to(w.dtype)
+
+    def _clip_columns(self, w: torch.Tensor) -> torch.Tensor:
+        if self.cap is None:
+            return w
+        norms = w.norm(dim=-2, keepdim=True)
+        return w * (self.cap / norms.clamp(min=self.cap))
 
     def residual(self, w):
         wt, _ = as_tall(w)
         gram = wt.mT @ wt
-        d = gram.diagonal(dim1=-2, dim2=-1).clamp(min=torch.finfo(w.dtype).tiny).rsqrt()
+        diag = gram.diagonal(dim1=-2, dim2=-1)
+        d = diag.clamp(min=torch.finfo(w.dtype).tiny).rsqrt()
         cosines = gram * d.unsqueeze(-1) * d.unsqueeze(-2)
-        return self.project(cosines).pow(2).mean(dim=(-2, -1)).sqrt()
+        off = self.project(cosines).pow(2).mean(dim=(-2, -1))
+        if self.cap is None:
+            return off.sqrt()
+        excess = (diag.sqrt() / self.cap - 1).clamp(min=0)  # relative overshoot of the cap
+        return (off + excess.pow(2).mean(dim=-1)).sqrt()
 
 
 @dataclass(frozen=True)
@@ -218,13 +238,14 @@ MANIFOLDS = {
     "stiefel": Stiefel(),
     "dgram": DGram(),
     "dgram-svd": DGram(name="dgram-svd", retraction="svd"),
+    "dgram-capped": DGram(name="dgram-capped", cap=1.0),
     "oblique": Oblique(),
     "spectral": SpectralBall(),
 }
 
 
 def get_manifold(name: str | Manifold) -> Manifold:
-    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, oblique, spectral``)."""
+    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, dgram-capped, oblique, spectral``)."""
     if isinstance(name, Manifold):
         return name
     try:

@@ -1,0 +1,142 @@
+"""Analyses of finished runs: time series read back from a run directory, the causal chain of
+an instability, and whether a gap between two allocations exceeds the seed-to-seed spread.
+
+Everything here is a pure function of the files a run wrote (``eval.jsonl``,
+``diagnostics.jsonl``, ``spectral.bin``, ``events.jsonl``), so it can be re-run on old runs.
+"""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+from .diagnostics import read_spectral
+from .runio import read_jsonl
+
+__all__ = ["val_curve", "sigma_max_curve", "mechanism_curve", "health_curve", "first_crossing", "causal_chain",
+           "divergence_iter", "CHAIN", "CHAIN_LABELS", "seed_gap", "GAP_PAIRS"]
+
+Series = tuple[np.ndarray, np.ndarray]
+
+# ---- time series -------------------------------------------------------------------------------
+
+
+def val_curve(run_dir) -> Series | None:
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    if not evals:
+        return None
+    return np.array([e["iter"] for e in evals]), np.array([e["val_loss"] for e in evals], dtype=float)
+
+
+def sigma_max_curve(run_dir, group: str) -> Series | None:
+    """The largest singular value over the group's matrices (attention or mlp), per record."""
+    header, rec = read_spectral(run_dir)
+    if header is None or not len(rec):
+        return None
+    idx = [i for i, g in enumerate(header["groups"]) if g == group]
+    if not idx:
+        return None
+    return rec["iter"], np.max(np.stack([rec[f"sv{i}"][:, 0] for i in idx]), axis=0).astype(float)
+
+
+def mechanism_curve(run_dir, key: str, reduce=max) -> Series | None:
+    """A mechanism diagnostic (``logit_max_abs``, ``entropy``, ``jacobian_fro`` ...) reduced over layers."""
+    rows = [d for d in read_jsonl(run_dir / "diagnostics.jsonl") if d.get("mechanics")]
+    if not rows:
+        return None
+    return (np.array([d["iter"] for d in rows]),
+            np.array([reduce([m[key] for m in d["mechanics"]]) for d in rows], dtype=float))
+
+
+def health_curve(run_dir, group: str, key: str) -> Series | None:
+    """An optimizer health statistic of a group (``alignment_mean``, ``violation_end_max``,
+    ``momentum_norm_max`` ...) over training; None where the group has no manifold."""
+    rows = [d for d in read_jsonl(run_dir / "diagnostics.jsonl")
+            if group in (d.get("health") or {}) and d["health"][group]["manifold"] not in ("none", None)]
+    if not rows:
+        return None
+    return np.array([d["iter"] for d in rows]), np.array([d["health"][group][key] for d in rows], dtype=float)
+
+
+# ---- the causal chain ----------------------------------------------------------------------------
+
+#: The chain the paper proposes: spectral growth -> logit inflation -> entropy collapse ->
+#: Jacobian collapse -> divergence.
+CHAIN = ("sigma_max", "logit_scale", "entropy", "jacobian", "divergence")
+CHAIN_LABELS = {"sigma_max": "attention sigma_max x2", "logit_scale": "logit max|z| x2",
+                "entropy": "entropy /2", "jacobian": "softmax Jacobian /2", "divergence": "divergence"}
+
+
+def first_crossing(series: Series | None, *, start_iter: int, factor: float, rising: bool) -> int | None:
+    """First iteration at or after ``start_iter`` where the value reaches ``factor`` times its
+    baseline (``rising``) or falls to ``1/factor`` of it; the baseline is the first value at or
+    after ``start_iter``.  None if it never does (or there is no data)."""
+    if series is None:
+        return None
+    iters, values = series
+    keep = iters >= start_iter
+    if not keep.any():
+        return None
+    iters, values = iters[keep], values[keep]
+    base = values[0]
+    if not np.isfinite(base) or base <= 0:
+        return None
+    hit = values >= factor * base if rising else values <= base / factor
+    hit |= ~np.isfinite(values)  # a non-finite diagnostic has certainly crossed
+    return int(iters[np.argmax(hit)]) if hit.any() else None
+
+
+def causal_chain(run_dir, *, start_iter: int, divergence_iter: int | None, factor: float = 2.0) -> dict:
+    """Onset iteration of each stage of :data:`CHAIN` in one run, and whether the stages that
+    happened did so in the chain's order (ties allowed: the diagnostics are sampled every
+    ``diag_interval`` iterations, so two stages can fall into one interval).
+
+    Onsets are measured against the run's own values at ``start_iter`` (the end of warmup):
+    sigma_max (max over attention matrices) and the logit scale (max over layers) rising by
+    ``factor``; attention entropy and the softmax-Jacobian norm (min over layers) falling by it;
+    divergence is ``divergence_iter`` (the classifier's, or the first non-finite step)."""
+    onsets = {
+        "sigma_max": first_crossing(sigma_max_curve(run_dir, "attention"), start_iter=start_iter, factor=factor,
+                                    rising=True),
+        "logit_scale": first_crossing(mechanism_curve(run_dir, "logit_max_abs", max), start_iter=start_iter,
+                                      factor=factor, rising=True),
+        "entropy": first_crossing(mechanism_curve(run_dir, "entropy", min), start_iter=start_iter, factor=factor,
+                                  rising=False),
+        "jacobian": first_crossing(mechanism_curve(run_dir, "jacobian_fro", min), start_iter=start_iter,
+                                   factor=factor, rising=False),
+        "divergence": divergence_iter,
+    }
+    reached = [onsets[s] for s in CHAIN if onsets[s] is not None]
+    return {"onsets": onsets, "reached": len(reached),
+            "in_order": all(a <= b for a, b in zip(reached, reached[1:]))}
+
+
+def divergence_iter(run_dir, verdict: dict) -> int | None:
+    """Where a run diverged: the first non-finite step or the classifier's iteration, if any."""
+    nonfinite = [e["iter"] for e in read_jsonl(run_dir / "events.jsonl") if e.get("event") == "nonfinite"]
+    candidates = nonfinite[:1] + ([verdict["criterion_iter"]] if not verdict["stable"] else [])
+    return min(candidates) if candidates else None
+
+
+# ---- significance --------------------------------------------------------------------------------
+
+#: Allocation pairs whose gap the report tests: the paper's ordering, and scale control.
+GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hetero", "unconstrained"),
+             ("all-dgram-capped", "all-dgram"), ("hetero-inv-capped", "hetero-inv"))
+
+
+def seed_gap(a: list[float], b: list[float]) -> dict | None:
+    """Is the difference of means between two allocations larger than the seed-to-seed spread?
+
+    ``spread`` is the larger of the two ranges (max - min over seeds); ``exceeds_spread`` is
+    ``|mean(a) - mean(b)| > spread``; ``separated`` means every seed of one is below every
+    seed of the other.  Needs two finite values on each side (None otherwise)."""
+    a = [v for v in a if v is not None and np.isfinite(v)]
+    b = [v for v in b if v is not None and np.isfinite(v)]
+    if len(a) < 2 or len(b) < 2:
+        return None
+    gap = statistics.mean(a) - statistics.mean(b)
+    spread = max(max(a) - min(a), max(b) - min(b))
+    return {"n_a": len(a), "n_b": len(b), "mean_a": statistics.mean(a), "mean_b": statistics.mean(b),
+            "std_a": statistics.stdev(a), "std_b": statistics.stdev(b), "gap": gap, "spread": spread,
+            "exceeds_spread": abs(gap) > spread, "separated": max(a) < min(b) or max(b) < min(a)}

@@ -1,0 +1,140 @@
+"""The report's figures.  Runs are keyed by *variant*, ``(allocation, mode)``: one colour per
+allocation, and one line style per mode when a sweep compares modes (else per allocation, so
+that curves lying on top of each other, such as every Stiefel group at sigma = 1, stay visible)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import (CHAIN, CHAIN_LABELS, health_curve, mechanism_curve, sigma_max_curve, val_curve)
+
+__all__ = ["make_figures", "plot_causal_chains"]
+
+STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _series(out_dir: Path, results: list[dict], load) -> dict[tuple, list]:
+    series = defaultdict(list)
+    for r in results:
+        xy = load(out_dir / r["run"])
+        if xy is not None and len(xy[0]):
+            series[(r["allocation"], r.get("mode", "improved"))].append(xy)
+    return series
+
+
+def _plot_panel(ax, series, *, title, ylabel, log=False):
+    allocations = sorted({a for a, _ in series})
+    modes = sorted({m for _, m in series})
+    for (alloc, mode), runs in sorted(series.items()):
+        i = allocations.index(alloc)
+        style = STYLES[modes.index(mode) % len(STYLES)] if len(modes) > 1 else STYLES[i % len(STYLES)]
+        label = f"{alloc} [{mode}]" if len(modes) > 1 else alloc
+        for j, (x, y) in enumerate(runs):
+            ax.plot(x, y, color=f"C{i}", ls=style, alpha=0.9 if len(runs) == 1 else 0.55, lw=1.8,
+                    label=label if j == 0 else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path.name
+
+
+def make_figures(out_dir: Path, results: list[dict], fig_dir: Path) -> dict[str, str]:
+    """Figure 1 (val loss), Figure 2 (sigma_max), the mechanism figure and, where any run has a
+    constrained group, the direction-quality figure.  Returns ``{key: file name}``."""
+    plt = _plt()
+    made = {}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    _plot_panel(ax, _series(out_dir, results, val_curve), title="Figure 1: validation loss",
+                ylabel="val loss (nats/token)")
+    made["fig1"] = _save(fig, fig_dir / "fig1_val_loss.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, group, name in zip(axes, ("attention", "mlp"), ("attention (c_attn, attn.c_proj)", "MLP (c_fc, mlp.c_proj)")):
+        _plot_panel(ax, _series(out_dir, results, lambda d, g=group: sigma_max_curve(d, g)),
+                    title=f"sigma_max, {name}: max over group", ylabel="largest singular value (log)", log=True)
+    fig.suptitle("Figure 2: spectral growth")
+    made["fig2"] = _save(fig, fig_dir / "fig2_sigma_max.png")
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    panels = [("logit_max_abs", max, "logit scale max|z| (max over layers)", "max |z| (log)", True),
+              ("entropy", min, "attention entropy (min over layers)", "entropy (nats)", False),
+              ("jacobian_fro", min, "softmax-Jacobian norm (min over layers)", "||diag(p) - pp^T||_F (log)", True)]
+    for ax, (key, reduce, title, ylabel, log) in zip(axes, panels):
+        _plot_panel(ax, _series(out_dir, results, lambda d, k=key, f=reduce: mechanism_curve(d, k, f)),
+                    title=title, ylabel=ylabel, log=log)
+    fig.suptitle("Mechanism diagnostics on a fixed validation batch: logit scale, entropy, softmax Jacobian")
+    made["fig3"] = _save(fig, fig_dir / "fig3_mechanism.png")
+
+    quality = [("alignment_mean", "alignment <G,A>/||G||_* (mean over group)", False),
+               ("violation_end_max", "tangent violation of A (max over group)", True),
+               ("momentum_norm_max", "momentum spectral norm (max over group)", True)]
+    grid = {(group, key): _series(out_dir, results, lambda d, g=group, k=key: health_curve(d, g, k))
+            for group in ("attention", "mlp") for key, _, _ in quality}
+    if any(grid.values()):
+        fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
+        for row, group in enumerate(("attention", "mlp")):
+            for col, (key, title, log) in enumerate(quality):
+                _plot_panel(axes[row, col], grid[(group, key)], title=f"{group}: {title}", ylabel=key, log=log)
+        fig.suptitle("Direction quality over training (constrained groups only)")
+        made["fig4"] = _save(fig, fig_dir / "fig4_direction_quality.png")
+    return made
+
+
+def plot_causal_chains(out_dir: Path, chains: list[tuple[dict, dict]], path: Path, *, start_iter: int,
+                       limit: int = 6) -> str | None:
+    """One panel per run (``(result_row, chain)`` pairs, most interesting first): each chain
+    stage's signal divided by its value at ``start_iter`` (log scale), with its onset marked."""
+    chains = chains[:limit]
+    if not chains:
+        return None
+    plt = _plt()
+    cols = min(3, len(chains))
+    rows = -(-len(chains) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.3 * rows), squeeze=False)
+    loaders = {"sigma_max": lambda d: sigma_max_curve(d, "attention"),
+               "logit_scale": lambda d: mechanism_curve(d, "logit_max_abs", max),
+               "entropy": lambda d: mechanism_curve(d, "entropy", min),
+               "jacobian": lambda d: mechanism_curve(d, "jacobian_fro", min),
+               "divergence": val_curve}
+    for ax, (row, chain) in zip(axes.flat, chains):
+        run_dir = out_dir / row["run"]
+        for i, stage in enumerate(CHAIN):
+            xy = loaders[stage](run_dir)
+            if xy is None:
+                continue
+            x, y = xy
+            base = y[x >= start_iter][0] if (x >= start_iter).any() else np.nan
+            label = "val loss" if stage == "divergence" else CHAIN_LABELS[stage]
+            ax.plot(x, y / base, color=f"C{i}", lw=1.6, label=f"{label} (rel.)")
+            if chain["onsets"][stage] is not None:
+                ax.axvline(chain["onsets"][stage], color=f"C{i}", ls=":", lw=1.2)
+        ax.set_yscale("log")
+        ax.set_title(f"{row['run']}: {row['verdict']}", fontsize=9)
+        ax.set_xlabel("iteration (dotted: onsets)")
+        ax.set_ylabel(f"value / value at end of warmup (iteration >= {start_iter})", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(chains):]:
+        ax.axis("off")
+    fig.suptitle("Causal chain: sigma_max growth -> logit inflation -> entropy collapse -> Jacobian collapse -> divergence")
+    return _save(fig, path)
