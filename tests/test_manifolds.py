@@ -107,3 +107,27 @@ def test_manifolds_are_immutable_and_unknown_names_list_the_choices():
         get_manifold("stiefel").name = "dgram"
     with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, dgram-capped, oblique, spectral"):
         get_manifold("grassmann")
+
+
+def test_a_registered_manifold_is_usable_by_name_in_rules_and_checkpoints(tmp_path):
+    from torch import nn
+    from manifold_muon import DGram, ManifoldMuon, Rule, register_manifold, resolve
+    from manifold_muon.optim.manifolds import MANIFOLDS
+    try:
+        c2 = register_manifold(DGram(name="dgram-c2-test", cap=2.0))
+        assert register_manifold(DGram(name="dgram-c2-test", cap=2.0)) == c2  # same object again: fine
+        with pytest.raises(ValueError, match="is taken by"):
+            register_manifold(DGram(name="dgram-c2-test", cap=3.0))
+        with pytest.raises(ValueError, match="is taken by"):
+            register_manifold(DGram(name="stiefel"))
+        model = nn.Sequential(nn.Linear(8, 24, bias=False))
+        opt = ManifoldMuon(resolve(model, [Rule(r"weight", "muon", "dgram-c2-test", lr=0.1)]))
+        for _ in range(30):
+            model(torch.randn(4, 8)).pow(2).sum().mul(-1).backward()   # pushes the weights to grow
+            opt.step()
+            opt.zero_grad()
+        assert torch.linalg.matrix_norm(model[0].weight.detach().double(), 2) <= 2.0 + 1e-5
+        torch.save(opt.state_dict(), tmp_path / "opt.pt")
+        torch.load(tmp_path / "opt.pt", weights_only=True)
+    finally:
+        MANIFOLDS.pop("dgram-c2-test", None)

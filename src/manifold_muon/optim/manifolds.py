@@ -21,7 +21,7 @@ import torch
 
 from .msign import msign
 
-__all__ = ["Manifold", "get_manifold", "MANIFOLDS", "as_tall", "gram_diag_solve", "sym"]
+__all__ = ["Manifold", "DGram", "get_manifold", "register_manifold", "MANIFOLDS", "as_tall", "gram_diag_solve", "sym"]
 
 
 def sym(x: torch.Tensor) -> torch.Tensor:
@@ -242,6 +242,19 @@ MANIFOLDS = {
     "oblique": Oblique(),
     "spectral": SpectralBall(),
 }
+
+
+def register_manifold(manifold: Manifold) -> Manifold:
+    """Make a configured manifold nameable in rules and param groups, e.g.
+    ``register_manifold(DGram(name="dgram-c2", cap=2.0))``.  Groups hold names, not objects,
+    so optimizer state dicts stay plain data (``torch.load(weights_only=True)`` reads them)."""
+    if not isinstance(manifold, Manifold):
+        raise TypeError(f"register_manifold needs a Manifold instance, got {type(manifold).__name__}")
+    known = MANIFOLDS.get(manifold.name)
+    if known is not None and known != manifold:
+        raise ValueError(f"manifold name {manifold.name!r} is taken by {known!r}; choose another name")
+    MANIFOLDS[manifold.name] = manifold
+    return manifold
 
 
 def get_manifold(name: str | Manifold) -> Manifold:
