@@ -81,6 +81,9 @@ def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path)
         run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"],
                   overrides=overrides(data_dir, mode="paper"), quiet=True)
     run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"], overrides=overrides(data_dir), quiet=True)
+    with pytest.raises(ValueError, match="must share every setting"):  # extending it with other settings
+        run_sweep("tiny-cpu", ["all-stiefel"], [1], out, modes=["improved"], overrides=overrides(data_dir, max_iters=20),
+                  quiet=True)
     configs = {m: json.loads((out / f"hetero-{m}-s1" / "config.json").read_text()) for m in ("paper", "improved")}
     assert configs["paper"]["mode"] == "paper" and configs["improved"]["mode"] == "improved"
     configs["paper"].pop("mode"), configs["improved"].pop("mode")

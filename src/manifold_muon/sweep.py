@@ -1,8 +1,8 @@
 """Sweeps: every allocation x seed (x direction-solver mode) with all other settings identical.
 
 Each run is ``manifold-muon train`` in its own process (a crash or a leak in one run cannot
-take the sweep down), in ``OUT/<allocation>-s<seed>/`` (``OUT/<allocation>-<mode>-s<seed>/`` when the sweep compares
-several modes) with its output in ``train.log``.
+take the sweep down), in ``OUT/<allocation>-s<seed>/`` (``OUT/<allocation>-<mode>-s<seed>/`` when the sweep is
+given modes) with its output in ``train.log``.
 Runs go one after another, ``jobs`` at a time on the CPU (threads split between them), or
 one per GPU.  A killed sweep, run again, skips finished runs and resumes unfinished ones from
 their checkpoints.  ``results.jsonl`` gets one line per run with its summary and the
@@ -32,7 +32,7 @@ FINISHED = ("completed", "early_termination")
 
 
 def run_name(allocation: str, seed: int, mode: str | None = None) -> str:
-    """``<allocation>-s<seed>``, or ``<allocation>-<mode>-s<seed>`` when a sweep compares modes."""
+    """``<allocation>-s<seed>``, or ``<allocation>-<mode>-s<seed>`` when the sweep is given modes."""
     return f"{allocation}-{mode}-s{seed}" if mode else f"{allocation}-s{seed}"
 
 
@@ -71,9 +71,15 @@ def collect_results(out_dir) -> list[dict]:
 
 
 def _record_sweep(path: Path, spec: dict) -> None:
-    """Write the sweep's spec; lists (allocations, seeds, modes) merge with an earlier spec's."""
+    """Write the sweep's spec; lists (allocations, seeds, modes) merge with an earlier spec's.
+    A different preset or different overrides would make the runs incomparable: refused."""
     if path.is_file():
         old = json.loads(path.read_text())
+        for key in ("preset", "overrides"):
+            if old.get(key) != spec[key]:
+                raise ValueError(f"{path.parent} holds a sweep with {key} {old.get(key)!r}, not {spec[key]!r}; "
+                                 "runs in one sweep directory must share every setting but the allocation, "
+                                 "seed and mode: use another --out")
         for key in ("allocations", "seeds", "modes"):
             spec[key] = list(dict.fromkeys(old.get(key, []) + spec[key]))
     write_json(path, spec)
