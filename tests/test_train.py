@@ -164,3 +164,12 @@ def test_dual_steps_caps_the_improved_solver_only():
     assert {g.get("dual_steps") for g in improved if g["algorithm"] == "muon"} == {8}
     assert {g.get("dual_steps") for g in paper if g["algorithm"] == "muon"} == {None}  # the reference's 20
     assert {g["mode"] for g in paper} == {"paper"}
+
+
+def test_evaluation_scores_one_fixed_set_whatever_the_iteration_or_seed(data_dir, tmp_path):
+    a = Trainer(tiny(data_dir, tmp_path / "a", seed=1))
+    b = Trainer(tiny(data_dir, tmp_path / "b", seed=2))
+    b.model.load_state_dict(a.model.state_dict())
+    first = a.evaluate(0)
+    assert a.evaluate(40) | {"iter": 0} == first          # same batches at every evaluation ...
+    assert b.evaluate(0) == first                          # ... and in every run, whatever its seed
