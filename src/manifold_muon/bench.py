@@ -1,7 +1,7 @@
 """``manifold-muon bench``: optimizer and whole-step time, side by side in one process.
 
 For one model and batch it times AdamW everywhere, ``torch.optim.Muon`` (+ AdamW for the
-rest), our Muon, and our Manifold Muon in paper and improved mode for each allocation.
+rest), our Muon, and our Manifold Muon in paper, fast and improved mode for each allocation.
 Configurations are interleaved round by round (A B C ... A B C ...), medians are reported,
 and every ratio is against AdamW's whole step measured in the same rounds.  Quality columns:
 the mean alignment ``<G, A> / ||G||_*`` and the largest tangent violation of the last step.
@@ -33,7 +33,7 @@ def _configs(allocations):
     yield "muon (ours)", "unconstrained", {}
     for alloc in allocations:
         if alloc != "unconstrained":
-            for mode in ("paper", "improved"):
+            for mode in ("paper", "fast", "improved"):
                 yield f"{alloc} [{mode}]", alloc, {"mode": mode}
 
 

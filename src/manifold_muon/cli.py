@@ -6,6 +6,7 @@ import os
 import sys
 
 from .optim.allocation import PRESETS
+from .optim.dual import DIRECTION_MODES
 
 EPILOG_TRAIN = """
 Overrides are --key=value for any config field, e.g.
@@ -76,9 +77,9 @@ def _sweep(args, extra) -> None:
         raise SystemExit(f"error: unknown allocation(s) {bad}; valid choices: {', '.join(PRESETS)}")
     out = args.out or f"runs/sweep-{args.preset}"
     modes = _csv(args.modes) if args.modes else None
-    bad = [m for m in modes or [] if m not in ("improved", "paper")]
+    bad = [m for m in modes or [] if m not in DIRECTION_MODES]
     if bad:
-        raise SystemExit(f"error: unknown mode(s) {bad}; valid choices: improved, paper")
+        raise SystemExit(f"error: unknown mode(s) {bad}; valid choices: {', '.join(DIRECTION_MODES)}")
     results = run_sweep(args.preset, allocations, _csv(args.seeds, int), out, overrides=_split_overrides(extra),
                         modes=modes, jobs=args.jobs, quiet=args.quiet)
     stable = sum(r["stable"] for r in results)

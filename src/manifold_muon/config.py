@@ -19,7 +19,7 @@ class TrainConfig:
     out_dir: str = ""                 # default: runs/<preset>/<allocation>-s<seed>
     preset: str = "gpt2-small"
     allocation: str = "hetero"
-    mode: str = "improved"            # Manifold Muon direction solver: improved | paper
+    mode: str = "improved"            # Manifold Muon direction solver: improved | fast | paper
     seed: int = 1337
     # batch: tokens per step = batch_size * grad_accum * world_size * block_size
     batch_size: int = 64

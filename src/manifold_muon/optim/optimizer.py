@@ -14,7 +14,7 @@ key                 meaning
                     Muon, 0.01 for AdamW (torch's)
 ``momentum``        Muon momentum ``beta`` (default 0.95)
 ``nesterov``        Muon: use the Nesterov combination (default True)
-``mode``            Manifold Muon direction solver: ``"improved"`` or ``"paper"``
+``mode``            Manifold Muon direction solver: ``"improved"``, ``"fast"`` or ``"paper"``
 ``dual_steps``,     direction-solver settings (``None``: the mode's default,
 ``dual_alpha``,     see :mod:`manifold_muon.optim.dual`)
 ``dual_tol``

@@ -1,0 +1,123 @@
+"""Direction quality on real momenta: paper mode vs the improved solver at several iteration caps.
+
+Loads a finished run's checkpoint (weights and Muon momentum buffers), and for every
+constrained matrix group (attention / MLP x manifold) solves the direction for the
+momentum ``G`` at the weights ``W`` with paper mode (the reference's 20 steps) and with the
+improved solver capped at 0, 2, 4, ... iterations.  Per setting it reports, averaged over the
+group's matrices:
+
+* ``alignment`` ``<G, A> / ||G||_*`` of the direction as returned;
+* ``violation`` ``RMS(P(sym(W^T A)))``: 0 when A is tangent (feasible);
+* ``repaired``: the alignment after making A feasible (exact tangent projection, then a
+  rescale to spectral norm 1), the fair comparison for an infeasible paper-mode direction;
+* ``of_bound``: alignment / the smallest dual value found (a certified upper bound), so 1.0
+  means provably optimal;
+* ``ms``: wall time of the solve for the whole group (relative only; CPU here).
+
+This is the "fast mode" question of issue 5 measured without a GPU: how few iterations keep
+the direction at least as good as the paper's.
+Usage: python benchmarks/direction_quality.py RUN_DIR [RUN_DIR ...] [--caps 0,2,4,8,16,32,128]
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from manifold_muon.config import config_from_dict
+from manifold_muon.diagnostics import module_group
+from manifold_muon.model import GPT
+from manifold_muon.optim import ManifoldMuon, get_manifold, solve_direction
+from manifold_muon.optim.dual import alignment, singular_values, spectral_norm
+from manifold_muon.optim.manifolds import as_tall
+from manifold_muon.train import _param_groups
+
+
+def load_momenta(run_dir: Path) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """``{(group, manifold): (W stack, G stack)}`` from a run's checkpoint, tall orientation."""
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    model = GPT(cfg.model)
+    opt = ManifoldMuon(_param_groups(model, cfg))
+    ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    stacks = defaultdict(list)
+    for group in opt.param_groups:
+        if group["algorithm"] != "muon" or not get_manifold(group["manifold"]).has_dual:
+            continue
+        for name, p in zip(group["names"], group["params"]):
+            w, _ = as_tall(p.detach().float())
+            g, _ = as_tall(opt.state[p]["momentum_buffer"].float())
+            stacks[(module_group(name), group["manifold"], tuple(w.shape))].append((w, g))
+    return {key: (torch.stack([w for w, _ in pairs]), torch.stack([g for _, g in pairs])) for key, pairs in stacks.items()}
+
+
+def repaired_alignment(w, g, a, manifold) -> torch.Tensor:
+    a = a - w @ manifold.normal_coefficients(w, a)
+    a = a / spectral_norm(a).clamp(min=1e-30)[..., None, None]
+    return alignment(g, a)
+
+
+def dual_value(w, g, s) -> torch.Tensor:
+    """``||G + W S||_* / ||G||_*`` for the improved solver's multiplier (it works on G / scale)."""
+    scale = g.norm(dim=(-2, -1), keepdim=True) / g.shape[-1] ** 0.5
+    nuclear = singular_values(g, torch.float64).sum(-1)
+    return singular_values(g + w @ (s * scale), torch.float64).sum(-1) / nuclear
+
+
+def measure(w, g, manifold_name, caps) -> list[dict]:
+    manifold = get_manifold(manifold_name)
+    rows, bounds = [], []
+    settings = [("paper", None)] + [("improved", c) for c in caps]
+    for mode, cap in settings:
+        t0 = time.perf_counter()
+        r = solve_direction(w, g, manifold, mode=mode, steps=cap)
+        ms = (time.perf_counter() - t0) * 1e3
+        if mode == "improved":
+            bounds.append(dual_value(w, g, r.dual))
+        rows.append({"setting": "paper (20 steps)" if mode == "paper" else f"improved, cap {cap}", "ms": ms,
+                     "alignment": alignment(g, r.direction), "violation": manifold.tangent_violation(w, r.direction),
+                     "repaired": repaired_alignment(w, g, r.direction, manifold), "iterations": r.steps_taken})
+    bound = torch.stack(bounds).min(dim=0).values
+    for row in rows:
+        row["of_bound"] = statistics.mean((row["repaired"] / bound).tolist())
+        for key in ("alignment", "violation", "repaired"):
+            row[key] = statistics.mean(row[key].double().tolist())
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories holding ckpt.pt")
+    ap.add_argument("--caps", default="0,2,4,8,16,32,128", help="improved-solver iteration caps")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    caps = [int(c) for c in args.caps.split(",") if c]
+    torch.manual_seed(0)
+    table = []
+    for run in args.runs:
+        if not (run / "ckpt.pt").is_file():
+            sys.exit(f"error: {run} holds no ckpt.pt")
+        for (group, manifold, shape), (w, g) in load_momenta(run).items():
+            for row in measure(w, g, manifold, caps):
+                table.append({"run": run.name, "group": group, "manifold": manifold,
+                              "shape": f"{len(w)}x{shape[0]}x{shape[1]}", **row})
+    head = f"{'run':24} {'group':9} {'manifold':8} {'stack':10} {'setting':18} {'align':>6} {'viol':>8} {'repaired':>8} {'of bound':>8} {'ms':>7}"
+    lines = [head] + [f"{r['run']:24} {r['group']:9} {r['manifold']:8} {r['shape']:10} {r['setting']:18} {r['alignment']:6.3f} "
+                      f"{r['violation']:8.1e} {r['repaired']:8.3f} {r['of_bound']:8.3f} {r['ms']:7.1f}" for r in table]
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}_{platform.node() or 'host'}.json"
+    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": platform.processor() or platform.machine(),
+                                "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}, indent=1))
+    print(f"saved: {path}")
+
+
+if __name__ == "__main__":
+    main()
