@@ -167,12 +167,18 @@ def mode_rows(out_dir, results: list[dict]) -> list[dict]:
                 align = [float(np.mean(c[1])) for c in align if c is not None]
                 viol = [float(np.max(c[1])) for c in viol if c is not None]
                 row[f"{mode}_{group}"] = (f"{np.mean(align):.3f} / {max(viol):.0e}" if align else "-")
+        gap = seed_gap([r["final_val_loss"] for r in variants.get((alloc, "improved"), [])],
+                       [r["final_val_loss"] for r in variants.get((alloc, "paper"), [])])
+        row["gap"] = "-" if gap is None else (f"{gap['gap']:+.4f} ("
+                                              + ("larger than" if gap["exceeds_spread"] else "within")
+                                              + f" the spread {gap['spread']:.4f})")
         rows.append(row)
     return rows
 
 
 MODE_COLUMNS = [("allocation", "Allocation"), ("paper_val", "Paper: final val"), ("paper_result", "Paper: result"),
                 ("improved_val", "Improved: final val"), ("improved_result", "Improved: result"),
+                ("gap", "Improved - paper"),
                 ("paper_attention", "Paper attn: align / viol"), ("improved_attention", "Improved attn: align / viol"),
                 ("paper_mlp", "Paper MLP: align / viol"), ("improved_mlp", "Improved MLP: align / viol")]
 
