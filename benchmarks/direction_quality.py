@@ -113,7 +113,7 @@ def main():
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}_{platform.node() or 'host'}.json"
+    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}_cpu.json"  # the solves run on the CPU
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": platform.processor() or platform.machine(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}, indent=1))
     print(f"saved: {path}")

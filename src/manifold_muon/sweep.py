@@ -29,6 +29,8 @@ from .stability import classify_stability
 __all__ = ["run_sweep", "collect_results", "run_name"]
 
 FINISHED = ("completed", "early_termination")
+#: Overrides that change how runs are operated, not what they compute: a sweep directory may mix them.
+OPERATIONAL = frozenset({"fail_at_iter", "max_nonfinite", "quiet", "tensorboard", "device", "compile", "ckpt_interval"})
 
 
 def run_name(allocation: str, seed: int, mode: str | None = None) -> str:
@@ -72,11 +74,13 @@ def collect_results(out_dir) -> list[dict]:
 
 def _record_sweep(path: Path, spec: dict) -> None:
     """Write the sweep's spec; lists (allocations, seeds, modes) merge with an earlier spec's.
-    A different preset or different overrides would make the runs incomparable: refused."""
+    A different preset or different overrides would make the runs incomparable: refused
+    (settings that change how a run is operated, not what it computes, may differ)."""
     if path.is_file():
         old = json.loads(path.read_text())
-        for key in ("preset", "overrides"):
-            if old.get(key) != spec[key]:
+        experiment = lambda o: {k: v for k, v in (o or {}).items() if k not in OPERATIONAL}  # noqa: E731
+        for key, norm in (("preset", lambda x: x), ("overrides", experiment)):
+            if norm(old.get(key)) != norm(spec[key]):
                 raise ValueError(f"{path.parent} holds a sweep with {key} {old.get(key)!r}, not {spec[key]!r}; "
                                  "runs in one sweep directory must share every setting but the allocation, "
                                  "seed and mode: use another --out")
