@@ -35,6 +35,9 @@ def _worker(rank, world, port, out):
         duals = {i: s["dual"] for i, s in enumerate(opt.state.values()) if "dual" in s}
         if rank == 0:
             torch.save({"weights": weights, "duals": duals}, out)
+        # Leave together: a rank that tears gloo down while a peer still talks to it makes
+        # the peer abort ("terminate called without an active exception", seen on CI-like runs).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
