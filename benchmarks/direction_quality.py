@@ -58,8 +58,8 @@ def load_momenta(run_dir: Path) -> dict[tuple[str, str], tuple[torch.Tensor, tor
 
 
 def repaired_alignment(w, g, a, manifold) -> torch.Tensor:
-    a = a - w @ manifold.normal_coefficients(w, a)
-    a = a / spectral_norm(a).clamp(min=1e-30)[..., None, None]
+    a = manifold.tangent_project(w, a)
+    a = a / spectral_norm(a).clamp(min=1e-30)[..., None, None]  # to norm 1: the paper's direction at full length
     return alignment(g, a)
 
 

@@ -14,7 +14,7 @@ from .diagnostics import read_spectral
 from .runio import read_jsonl
 
 __all__ = ["val_curve", "sigma_max_curve", "mechanism_curve", "health_curve", "first_crossing", "causal_chain",
-           "divergence_iter", "CHAIN", "CHAIN_LABELS", "seed_gap", "GAP_PAIRS"]
+           "divergence_iter", "baseline", "CHAIN", "CHAIN_SIGNALS", "CHAIN_LABELS", "seed_gap", "GAP_PAIRS"]
 
 Series = tuple[np.ndarray, np.ndarray]
 
@@ -67,20 +67,31 @@ CHAIN_LABELS = {"sigma_max": "attention sigma_max x2", "logit_scale": "logit max
                 "entropy": "entropy /2", "jacobian": "softmax Jacobian /2", "divergence": "divergence"}
 
 
+#: The signal of each stage before divergence, and whether its onset is a rise (else a fall).
+CHAIN_SIGNALS = {
+    "sigma_max": (lambda run_dir: sigma_max_curve(run_dir, "attention"), True),          # max over matrices
+    "logit_scale": (lambda run_dir: mechanism_curve(run_dir, "logit_max_abs", max), True),  # max over layers
+    "entropy": (lambda run_dir: mechanism_curve(run_dir, "entropy", min), False),          # min over layers
+    "jacobian": (lambda run_dir: mechanism_curve(run_dir, "jacobian_fro", min), False),    # min over layers
+}
+
+
+def baseline(series: Series | None, start_iter: int) -> float | None:
+    """The first value at or after ``start_iter`` (None if there is none)."""
+    if series is None or not (series[0] >= start_iter).any():
+        return None
+    return float(series[1][series[0] >= start_iter][0])
+
+
 def first_crossing(series: Series | None, *, start_iter: int, factor: float, rising: bool) -> int | None:
     """First iteration at or after ``start_iter`` where the value reaches ``factor`` times its
-    baseline (``rising``) or falls to ``1/factor`` of it; the baseline is the first value at or
-    after ``start_iter``.  None if it never does (or there is no data)."""
-    if series is None:
+    :func:`baseline` (``rising``) or falls to ``1/factor`` of it.  None if it never does (or
+    there is no data)."""
+    base = baseline(series, start_iter)
+    if base is None or not np.isfinite(base) or base <= 0:
         return None
-    iters, values = series
-    keep = iters >= start_iter
-    if not keep.any():
-        return None
-    iters, values = iters[keep], values[keep]
-    base = values[0]
-    if not np.isfinite(base) or base <= 0:
-        return None
+    keep = series[0] >= start_iter
+    iters, values = series[0][keep], series[1][keep]
     hit = values >= factor * base if rising else values <= base / factor
     hit |= ~np.isfinite(values)  # a non-finite diagnostic has certainly crossed
     return int(iters[np.argmax(hit)]) if hit.any() else None
@@ -93,19 +104,12 @@ def causal_chain(run_dir, *, start_iter: int, divergence_iter: int | None, facto
 
     Onsets are measured against the run's own values at ``start_iter`` (the end of warmup):
     sigma_max (max over attention matrices) and the logit scale (max over layers) rising by
-    ``factor``; attention entropy and the softmax-Jacobian norm (min over layers) falling by it;
-    divergence is ``divergence_iter`` (the classifier's, or the first non-finite step)."""
-    onsets = {
-        "sigma_max": first_crossing(sigma_max_curve(run_dir, "attention"), start_iter=start_iter, factor=factor,
-                                    rising=True),
-        "logit_scale": first_crossing(mechanism_curve(run_dir, "logit_max_abs", max), start_iter=start_iter,
-                                      factor=factor, rising=True),
-        "entropy": first_crossing(mechanism_curve(run_dir, "entropy", min), start_iter=start_iter, factor=factor,
-                                  rising=False),
-        "jacobian": first_crossing(mechanism_curve(run_dir, "jacobian_fro", min), start_iter=start_iter,
-                                   factor=factor, rising=False),
-        "divergence": divergence_iter,
-    }
+    ``factor``; attention entropy and the softmax-Jacobian norm (min over layers) falling by it
+    (:data:`CHAIN_SIGNALS`); divergence is ``divergence_iter`` (the classifier's, or the first
+    non-finite step)."""
+    onsets = {stage: first_crossing(load(run_dir), start_iter=start_iter, factor=factor, rising=rising)
+              for stage, (load, rising) in CHAIN_SIGNALS.items()}
+    onsets["divergence"] = divergence_iter
     reached = [onsets[s] for s in CHAIN if onsets[s] is not None]
     return {"onsets": onsets, "reached": len(reached),
             "in_order": all(a <= b for a, b in zip(reached, reached[1:]))}

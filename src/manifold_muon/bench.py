@@ -75,8 +75,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, rounds: int 
     for label, alloc, extra in _configs(allocations):
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model).to(dev)
-        # as in training, dual_steps caps the improved solver; paper mode keeps the reference's 20
-        steps = cfg.dual_steps if cfg.dual_steps >= 0 and extra.get("mode", "improved") == "improved" else None
+        steps = cfg.dual_steps_for(extra.get("mode", "improved"))  # as in training
         opt = _TorchMuon(model) if alloc == "torch-muon" else ManifoldMuon(resolve(model, alloc, dual_steps=steps, **extra))
         setups.append({"label": label, "model": model, "opt": opt, "fb": [], "opt_ms": []})
 

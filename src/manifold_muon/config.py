@@ -51,6 +51,11 @@ class TrainConfig:
     inject_nonfinite_at: tuple = ()   # iterations whose loss is replaced by NaN
     fail_at_iter: int = -1            # raise at this iteration, as a crash would
 
+    def dual_steps_for(self, mode: str) -> int | None:
+        """The solver's iteration cap for ``mode``: ``dual_steps`` caps the improved solver only;
+        paper mode stays the reference (20 steps) and fast mode takes none.  None: the mode's default."""
+        return self.dual_steps if self.dual_steps >= 0 and mode == "improved" else None
+
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.preset}/{self.allocation}-s{self.seed}"
 

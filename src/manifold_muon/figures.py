@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import (CHAIN, CHAIN_LABELS, health_curve, mechanism_curve, sigma_max_curve, val_curve)
+from .analysis import (CHAIN, CHAIN_LABELS, CHAIN_SIGNALS, baseline, health_curve, mechanism_curve, sigma_max_curve,
+                       val_curve)
 
 __all__ = ["make_figures", "plot_causal_chains"]
 
@@ -111,11 +112,7 @@ def plot_causal_chains(out_dir: Path, chains: list[tuple[dict, dict]], path: Pat
     cols = min(3, len(chains))
     rows = -(-len(chains) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.3 * rows), squeeze=False)
-    loaders = {"sigma_max": lambda d: sigma_max_curve(d, "attention"),
-               "logit_scale": lambda d: mechanism_curve(d, "logit_max_abs", max),
-               "entropy": lambda d: mechanism_curve(d, "entropy", min),
-               "jacobian": lambda d: mechanism_curve(d, "jacobian_fro", min),
-               "divergence": val_curve}
+    loaders = {stage: load for stage, (load, _) in CHAIN_SIGNALS.items()} | {"divergence": val_curve}
     for ax, (row, chain) in zip(axes.flat, chains):
         run_dir = out_dir / row["run"]
         for i, stage in enumerate(CHAIN):
@@ -123,7 +120,7 @@ def plot_causal_chains(out_dir: Path, chains: list[tuple[dict, dict]], path: Pat
             if xy is None:
                 continue
             x, y = xy
-            base = y[x >= start_iter][0] if (x >= start_iter).any() else np.nan
+            base = baseline(xy, start_iter) or np.nan
             label = "val loss" if stage == "divergence" else CHAIN_LABELS[stage]
             ax.plot(x, y / base, color=f"C{i}", lw=1.6, label=f"{label} (rel.)")
             if chain["onsets"][stage] is not None:

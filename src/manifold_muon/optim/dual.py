@@ -215,7 +215,7 @@ def _improved(manifold, w, g, steps, alpha, tol, method, dtype, dual_init):
     a, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, method, dtype),
                                                     starts, steps, alpha, tol)
     # Repair: exact tangent projection, then keep the spectral norm at most 1.
-    a = a - w @ manifold.normal_coefficients(w, a)
+    a = manifold.tangent_project(w, a)
     # The factor 1 + 1e-6 absorbs the Gram's float32 rounding so the bound holds strictly.
     a = a / (spectral_norm(a) * (1 + 1e-6)).clamp(min=1.0)[..., None, None]
     return a, s, taken, violation_start
