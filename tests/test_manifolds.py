@@ -63,9 +63,11 @@ def test_dgram_svd_free_retraction_is_identity_on_unsorted_column_norms_where_sv
     assert (svd_form - w).norm() > 0.1
 
 
-def test_dgram_retraction_is_polar_times_column_norms():
-    w = random((20, 8)) + 0.1
-    expected = msign(w, "svd") * w.norm(dim=0, keepdim=True)
+@pytest.mark.parametrize("offset", [0.1, 1e-3])   # far (Polar Express) and near (Newton-Schulz)
+def test_dgram_retraction_is_polar_of_unit_columns_times_column_norms(offset):
+    w = point_on("dgram", 20, 8, colnorm_range=(0.05, 3.0), seed=4) + offset * random((20, 8))
+    norms = w.norm(dim=0, keepdim=True)
+    expected = msign(w / norms, "svd") * norms
     torch.testing.assert_close(get_manifold("dgram").retract(w), expected, atol=1e-9, rtol=0)
 
 

@@ -72,3 +72,31 @@ def test_zero_input_maps_to_zero_and_bad_arguments_name_the_choices():
         msign(torch.ones(3, 3), "qr")
     with pytest.raises(ValueError, match="matrix"):
         msign(torch.ones(3))
+
+
+@pytest.mark.parametrize("deviation", [1e-2, 1e-4, 0.2])
+def test_newton_schulz_step_count_is_what_the_deviation_needs_and_no_more(deviation):
+    from manifold_muon.optim.msign import newton_schulz_steps_needed
+    tol = 4 * torch.finfo(torch.float64).eps
+    steps = newton_schulz_steps_needed(deviation, tol)
+    s = torch.tensor([1 - deviation, 1 + deviation], dtype=torch.float64)   # sigma^2 at the bound's ends
+    for _ in range(steps - 1):
+        s = s * (1.5 - 0.5 * s) ** 2
+    assert (s - 1).abs().max() > 1e-16   # one step short: not yet converged ...
+    s = s * (1.5 - 0.5 * s) ** 2
+    assert (s - 1).abs().max() <= tol    # ... and the predicted count gets there
+
+
+@pytest.mark.parametrize("shape", [(60, 20), (20, 60), (24, 24)])
+@pytest.mark.parametrize("spread", [1e-3, 0.05, 2.0])   # near (Newton-Schulz) ... far (Polar Express)
+def test_near_orthogonal_msign_matches_the_svd_polar_factor(shape, spread):
+    from manifold_muon.optim.msign import msign_near_orthogonal
+    gen = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(max(shape), min(shape), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(min(shape), min(shape), generator=gen, dtype=torch.float64))
+    s = 1 + spread * (torch.rand(min(shape), generator=gen, dtype=torch.float64) - 0.5)
+    x = (u * s) @ v.T
+    x = x if shape[0] >= shape[1] else x.T
+    reference = msign(x, "svd")
+    torch.testing.assert_close(msign_near_orthogonal(x), reference, atol=1e-9 if spread < 1 else 1e-6, rtol=0)
+    torch.testing.assert_close(msign_near_orthogonal(x.float()), reference.float(), atol=2e-5, rtol=0)

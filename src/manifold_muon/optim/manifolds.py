@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .msign import msign
+from .msign import msign, msign_near_orthogonal
 
 __all__ = ["Manifold", "DGram", "get_manifold", "register_manifold", "MANIFOLDS", "as_tall", "gram_diag_solve", "sym"]
 
@@ -73,10 +73,13 @@ class Manifold:
         h = self.project(sym(wt.mT @ at))
         return h.pow(2).mean(dim=(-2, -1)).sqrt()
 
-    def normal_coefficients(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Tall ``W, G`` -> symmetric ``S = P(S)`` with ``G - W S`` tangent (exact on the manifold)."""
+    def normal_coefficients(self, w: torch.Tensor, g: torch.Tensor, *, projected: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+        """Tall ``W, G`` -> symmetric ``S = P(S)`` with ``G - W S`` tangent (exact on the manifold).
+
+        ``projected``: ``P(W^T G + G^T W)`` when the caller already has it (it is the costly part)."""
         k = w.pow(2).sum(dim=-2)
-        return gram_diag_solve(self.project(wt_g_sym2(w, g)), k)
+        return gram_diag_solve(self.project(wt_g_sym2(w, g)) if projected is None else projected, k)
 
     def tangent_project(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Orthogonal (Frobenius) projection of G onto the tangent space at W."""
@@ -115,12 +118,12 @@ def wt_g_sym2(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _polar(w: torch.Tensor, exact: bool) -> torch.Tensor:
-    """Polar factor for retractions: SVD when ``exact`` (init), else Polar Express in
-    float32 (float64 for float64 input), which lands within ~1e-6 of the SVD factor
-    for points near the manifold and is matmul-only."""
+    """Polar factor for retractions: SVD when ``exact`` (init); else, in float32 (float64 for
+    float64 input), the few Newton-Schulz steps a point next to the manifold needs
+    (``msign_near_orthogonal``; Polar Express for points further away).  Matmul-only."""
     if exact:
         return msign(w, "svd")
-    return msign(w, "polar_express", dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
+    return msign_near_orthogonal(w, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,12 @@ class Stiefel(Manifold):
 class DGram(Manifold):
     """``Off(W^T W) = 0``: orthogonal columns of free norms (singular values = column norms).
 
-    ``retraction="polar_colnorm"`` (default) is ``msign(W) * colnorms(W)``: no SVD, and
-    exactly the identity on DGram points (their polar factor is ``W diag(1/|w_j|)``).
+    ``retraction="polar_colnorm"`` (default) is ``msign(W D^-1) D`` with ``D = colnorms(W)``:
+    no SVD, and exactly the identity on DGram points (their columns are orthogonal, so
+    ``W D^-1`` is its own polar factor).  Normalising the columns first matters for speed:
+    near the manifold ``W D^-1`` has every singular value near 1, which
+    ``msign_near_orthogonal`` finishes in a step or two, while ``W``'s own singular values
+    (the column norms) spread over decades.
     ``retraction="svd"`` is the paper's ``U V^T diag(S)``; it assigns the j-th largest
     singular value to the j-th column, so it permutes column norms that are not sorted.
 
@@ -177,7 +184,9 @@ class DGram(Manifold):
             work = w if w.dtype == torch.float64 else w.float()
             u, s, vh = torch.linalg.svd(work, full_matrices=False)
             return self._clip_columns((u @ vh) * s.unsqueeze(-2)).to(w.dtype)
-        return self._clip_columns(_polar(w, exact) * w.norm(dim=-2, keepdim=True)).to(w.dtype)
+        norms = w.norm(dim=-2, keepdim=True)
+        unit = w / norms.clamp(min=torch.finfo(w.dtype).tiny)
+        return self._clip_columns(_polar(unit, exact) * norms).to(w.dtype)
 
     def _clip_columns(self, w: torch.Tensor) -> torch.Tensor:
         if self.cap is None:
