@@ -168,6 +168,20 @@ def test_bad_groups_name_the_valid_choices():
         ManifoldMuon([{"params": p[1:], "algorithm": "muon"}])
     with pytest.raises(TypeError, match="unknown ManifoldMuon option"):
         ManifoldMuon(p[:1], learning_rate=0.1)
+    with pytest.raises(ValueError, match="msign_steps must be a positive integer"):
+        ManifoldMuon(p[:1], msign_steps=0)
+
+
+@pytest.mark.parametrize("mode,dtype", [("improved", torch.float32), ("fast", torch.bfloat16), ("paper", torch.bfloat16)])
+def test_muon_step_uses_the_modes_msign_dtype_and_the_groups_msign_steps(mode, dtype):
+    from manifold_muon import msign
+    for steps in (None, 3):
+        w = torch.nn.Parameter(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)))
+        w.grad = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+        before = w.detach().clone()
+        ManifoldMuon([w], mode=mode, msign_steps=steps, momentum=0.0, nesterov=False, lr=0.1).step()
+        expected = before - 0.1 * msign(w.grad, "polar_express", steps, dtype=dtype)
+        torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=0)
 
 
 def test_lr_and_weight_decay_default_per_algorithm_unless_given():

@@ -76,7 +76,10 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, rounds: int 
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model).to(dev)
         steps = cfg.dual_steps_for(extra.get("mode", "improved"))  # as in training
-        opt = _TorchMuon(model) if alloc == "torch-muon" else ManifoldMuon(resolve(model, alloc, dual_steps=steps, **extra))
+        if alloc == "torch-muon":
+            opt = _TorchMuon(model)
+        else:
+            opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.msign_options(), **extra))
         setups.append({"label": label, "model": model, "opt": opt, "fb": [], "opt_ms": []})
 
     def one_step(s, timed):

@@ -34,6 +34,8 @@ class TrainConfig:
     weight_decay: float = 0.1         # where the allocation decays (2D AdamW, unconstrained Muon)
     muon_momentum: float = 0.95
     dual_steps: int = -1              # improved solver's iteration cap; -1: its default (paper mode: always 20)
+    msign_steps: int = 0              # msign iterations; 0: the method's default (Polar Express: 10)
+    msign_dtype: str = ""             # bfloat16 | float32; "": the mode's default (bf16 in paper/fast mode)
     grad_clip: float = 1.0            # global norm over all parameters; 0 disables
     # evaluation, logging, checkpoints
     eval_interval: int = 1_000
@@ -55,6 +57,10 @@ class TrainConfig:
         """The solver's iteration cap for ``mode``: ``dual_steps`` caps the improved solver only;
         paper mode stays the reference (20 steps) and fast mode takes none.  None: the mode's default."""
         return self.dual_steps if self.dual_steps >= 0 and mode == "improved" else None
+
+    def msign_options(self) -> dict:
+        """The msign settings as param-group keys (None: the optimizer's default)."""
+        return {"msign_steps": self.msign_steps or None, "msign_dtype": self.msign_dtype or None}
 
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.preset}/{self.allocation}-s{self.seed}"

@@ -38,8 +38,8 @@ Three modes:
       ``msign`` output is orthogonal and no multiplier makes it tangent: there the
       repair *is* the answer (projected dual-ascent direction, rescaled).
 * ``"fast"``: the improved mode's warm start and repair with no dual iterations and no
-  carried multiplier: ``A = repair(msign(G - W S0))``, one msign per matrix, as cheap as
-  Muon plus a few ``m n^2`` products.  Its repair rescales by a Lanczos estimate of the
+  carried multiplier: ``A = repair(msign(G - W S0))``, one msign per matrix (in bfloat16
+  unless told otherwise), as cheap as Muon plus a few ``m n^2`` products.  Its repair rescales by a Lanczos estimate of the
   spectral norm instead of an eigendecomposition (slow on GPUs), so ``||A||_2 <= 1`` holds
   to that estimate's accuracy (within 3e-3 on the momenta we measured).  On the momenta of tiny GPTs (``benchmarks/
   direction_quality.py``) it was as well aligned as 64 L-BFGS iterations, and better than
@@ -50,19 +50,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .manifolds import Manifold, as_tall, get_manifold, sym
 from .msign import msign
 
-__all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES",
+__all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "default_msign_dtype",
            "alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
 
 DIRECTION_MODES = ("paper", "improved", "fast")
 PAPER_DEFAULTS = dict(steps=20, alpha=0.1, tol=1e-6)
 IMPROVED_DEFAULTS = dict(steps=128, alpha=0.05, tol=2e-4)
 FAST_DEFAULTS = dict(IMPROVED_DEFAULTS, steps=0)
+
+
+def default_msign_dtype(mode: str, work: torch.dtype = torch.float32) -> torch.dtype:
+    """msign's compute dtype when none is given: bfloat16 in paper mode (the reference's) and
+    in fast mode (speed first: on tiny-GPT momenta it changed the alignment by under 0.002,
+    ``benchmarks/direction_quality.py``); ``work`` (float32, float64 for float64 input) in
+    improved mode, whose L-BFGS needs accurate dual gradients."""
+    return torch.bfloat16 if mode in ("paper", "fast") else work
 
 
 @dataclass
@@ -143,12 +152,12 @@ def _scaled_violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> t
     return (h / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp(min=1e-30)).pow(2).mean(dim=(-2, -1)).sqrt()
 
 
-def _paper(manifold, w, g, steps, alpha, tol, method):
+def _paper(manifold, w, g, steps, alpha, tol, sign):
     project = manifold.project
     lam = -0.25 * project(w.mT @ g + g.mT @ w)
     a, violation_start, taken = None, None, 0
     for k in range(steps):
-        a = msign(g + 2 * w @ project(sym(lam)), method, dtype=torch.bfloat16).to(g.dtype)
+        a = sign(g + 2 * w @ project(sym(lam))).to(g.dtype)
         h = project(w.mT @ a + a.mT @ w)
         if violation_start is None:
             violation_start = manifold.tangent_violation(w, a)
@@ -157,7 +166,7 @@ def _paper(manifold, w, g, steps, alpha, tol, method):
             break
         lam = lam - alpha * (1 - k / steps) * h
     if a is None:  # steps == 0: the warm start's direction
-        a = msign(g + 2 * w @ project(sym(lam)), method, dtype=torch.bfloat16).to(g.dtype)
+        a = sign(g + 2 * w @ project(sym(lam))).to(g.dtype)
         violation_start = manifold.tangent_violation(w, a)
     return a, lam, taken, violation_start
 
@@ -174,13 +183,13 @@ class _NuclearDual:
     the value, the gradient and the primal candidate ``A = msign(X)``.
     """
 
-    def __init__(self, manifold, w, g, method, dtype):
-        self.manifold, self.w, self.g, self.method, self.dtype = manifold, w, g, method, dtype
+    def __init__(self, manifold, w, g, sign):
+        self.manifold, self.w, self.g, self.sign = manifold, w, g, sign
         self.evaluations = 0
 
     def __call__(self, s):
         x = self.g + self.w @ s
-        a = msign(x, self.method, dtype=self.dtype).to(x.dtype)
+        a = self.sign(x).to(x.dtype)
         self.evaluations += 1
         return _bdot(x, a), self.manifold.project(sym(self.w.mT @ a)), a
 
@@ -249,7 +258,7 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(dim=(-2, -1)).sqrt()
 
 
-def _improved(manifold, w, g, steps, alpha, tol, method, dtype, dual_init, estimate_norm):
+def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, estimate_norm):
     n = w.shape[-1]
     scale = g.norm(dim=(-2, -1), keepdim=True) / math.sqrt(n)
     g = g / scale.clamp(min=1e-30)
@@ -259,7 +268,7 @@ def _improved(manifold, w, g, steps, alpha, tol, method, dtype, dual_init, estim
     starts = [-manifold.normal_coefficients(w, g)]
     if dual_init is not None:
         starts.append(manifold.project(sym(dual_init.to(g.dtype))))
-    a, violation, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, method, dtype),
+    a, violation, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, sign),
                                                                starts, steps, alpha, tol)
     # Repair: exact tangent projection (from the dual's gradient P(sym(W^T A)), already at
     # hand), then keep the spectral norm at most 1.
@@ -283,6 +292,7 @@ def solve_direction(
     alpha: float | None = None,
     tol: float | None = None,
     msign_method: str = "polar_express",
+    msign_steps: int | None = None,
     dtype: torch.dtype | None = None,
     dual_init: torch.Tensor | None = None,
 ) -> DirectionResult:
@@ -290,8 +300,8 @@ def solve_direction(
 
     ``W`` and ``G`` have the same shape ``(..., m, n)``.  Defaults depend on ``mode``
     (paper: steps 20, alpha 0.1, tol 1e-6; improved: see ``IMPROVED_DEFAULTS``; fast: no steps).
-    ``dtype`` is the compute dtype of the improved mode (default float32; paper mode is
-    always bf16 inside msign, as the reference).  ``dual_init`` warm-starts the
+    ``msign_method``, ``msign_steps`` and ``dtype`` set the msign (``dtype`` default: see
+    :func:`default_msign_dtype`).  ``dual_init`` warm-starts the
     multiplier (improved mode, tall ``n x n``), e.g. with the previous step's ``dual``.
     """
     if mode not in DIRECTION_MODES:
@@ -304,19 +314,19 @@ def solve_direction(
     alpha = defaults["alpha"] if alpha is None else float(alpha)
     tol = defaults["tol"] if tol is None else float(tol)
 
+    work = torch.float64 if G.dtype == torch.float64 else torch.float32
+    sign = partial(msign, method=msign_method, steps=msign_steps, dtype=dtype or default_msign_dtype(mode, work))
     if not manifold.has_dual:  # none / spectral ball: plain Muon direction
-        bf16 = mode == "paper"
-        a = msign(G, msign_method, dtype=torch.bfloat16 if bf16 else dtype or torch.float32)
+        a = sign(G).to(G.dtype)
         return DirectionResult(a, None, 0, torch.zeros(G.shape[:-2], device=G.device))
 
-    work = torch.float64 if G.dtype == torch.float64 else torch.float32
     w, wide = as_tall(W.to(work))
     g = (G.mT if wide else G).to(work)
     if mode == "paper":
-        a, lam, taken, v0 = _paper(manifold, w, g, steps, alpha, tol, msign_method)
+        a, lam, taken, v0 = _paper(manifold, w, g, steps, alpha, tol, sign)
     else:
         fast = mode == "fast"
-        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, msign_method, dtype or work,
+        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, sign,
                                       None if fast else dual_init, estimate_norm=fast)
     return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold)
 

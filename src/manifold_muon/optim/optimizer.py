@@ -22,7 +22,9 @@ key                 meaning
                     (default True; momentum moves slowly, so the solve restarts close
                     to its optimum and stops early; the multiplier is saved in the state)
 ``msign_method``    ``polar_express | newton_schulz | svd``
-``msign_dtype``     ``"bfloat16" | "float32" | None`` (None: bf16 in paper mode, else float32)
+``msign_steps``     iterations of the msign (None: the method's default, Polar Express 10)
+``msign_dtype``     ``"bfloat16" | "float32" | None`` (None: bf16 in paper and fast mode,
+                    float32 in improved mode; see ``dual.default_msign_dtype``)
 ``adjust_lr``       Muon lr shape scaling as ``torch.optim.Muon``'s ``adjust_lr_fn``:
                     ``None`` (the paper: none), ``"original"``, ``"match_rms_adamw"``
 ``betas``, ``eps``  AdamW
@@ -67,7 +69,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .distributed import gather_slices, owned_indices, world
-from .dual import DIRECTION_MODES, alignment, solve_direction, spectral_norm
+from .dual import DIRECTION_MODES, alignment, default_msign_dtype, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
 
@@ -80,7 +82,7 @@ _ADJUST_LR = (None, "original", "match_rms_adamw")
 DEFAULTS = dict(
     algorithm="muon", manifold="none", lr=None, weight_decay=None, momentum=0.95, nesterov=True,
     mode="improved", dual_steps=None, dual_alpha=None, dual_tol=None, carry_dual=True,
-    msign_method="polar_express", msign_dtype=None, adjust_lr=None,
+    msign_method="polar_express", msign_steps=None, msign_dtype=None, adjust_lr=None,
     betas=(0.9, 0.95), eps=1e-8, transposed=False,
 )
 
@@ -119,7 +121,7 @@ def _oriented(p: torch.Tensor, group) -> torch.Tensor:
 def _msign_dtype(group) -> torch.dtype:
     if group["msign_dtype"] is not None:
         return _DTYPES[group["msign_dtype"]]
-    return torch.bfloat16 if group["mode"] == "paper" else torch.float32
+    return default_msign_dtype(group["mode"])
 
 
 class ManifoldMuon(torch.optim.Optimizer):
@@ -147,6 +149,9 @@ class ManifoldMuon(torch.optim.Optimizer):
         _check_choice("direction mode", group["mode"], DIRECTION_MODES)
         _check_choice("msign method", group["msign_method"], MSIGN_METHODS)
         _check_choice("msign dtype", group["msign_dtype"], (None, *_DTYPES))
+        steps = group["msign_steps"]
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"msign_steps must be a positive integer or None (the method's default), got {steps!r}")
         _check_choice("adjust_lr", group["adjust_lr"], _ADJUST_LR)
         if group["lr"] < 0 or group["weight_decay"] < 0 or not 0 <= group["momentum"] < 1:
             raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got lr={group['lr']}, "
@@ -244,14 +249,15 @@ class ManifoldMuon(torch.optim.Optimizer):
                 dual_init = torch.stack([st["dual"] for st in states]) if carry and "dual" in states[0] else None
                 result = solve_direction(w, g, manifold, mode=group["mode"], steps=group["dual_steps"],
                                          alpha=group["dual_alpha"], tol=group["dual_tol"], dual_init=dual_init,
-                                         msign_method=group["msign_method"], dtype=_msign_dtype(group))
+                                         msign_method=group["msign_method"], msign_steps=group["msign_steps"],
+                                         dtype=_msign_dtype(group))
                 a = result.direction
                 if self.collect_stats:  # now: it reads w, which the update below changes in place
                     violation_end = result.violation_end
                 if carry:
                     duals = gather_slices(result.dual.to(w.dtype), len(batch), world_size)
             else:
-                a = msign(g, group["msign_method"], dtype=_msign_dtype(group))
+                a = msign(g, group["msign_method"], group["msign_steps"], dtype=_msign_dtype(group))
             if wd:
                 w.mul_(1 - lr * wd)
             w.add_(a.to(w.dtype), alpha=-scale)
