@@ -47,6 +47,7 @@ def test_causal_chain_finds_each_onset_and_checks_the_order(tmp_path):
     chain = causal_chain(run, start_iter=20, divergence_iter=div)
     assert chain["onsets"] == {"sigma_max": 50, "logit_scale": 70, "entropy": 70, "jacobian": 90, "divergence": 130}
     assert chain["in_order"] and chain["reached"] == 5
+    assert chain["peaks"] == pytest.approx({"sigma_max": 3.0, "logit_scale": 3.0, "entropy": 3.0, "jacobian": 3.0})
 
     backwards = _synthetic_run(tmp_path / "b", sigma_at=120, logit_at=60, entropy_at=1000, jacobian_at=1000)
     chain = causal_chain(backwards, start_iter=20, divergence_iter=divergence_iter(backwards, {"stable": True}))

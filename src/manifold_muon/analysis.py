@@ -107,12 +107,26 @@ def causal_chain(run_dir, *, start_iter: int, divergence_iter: int | None, facto
     ``factor``; attention entropy and the softmax-Jacobian norm (min over layers) falling by it
     (:data:`CHAIN_SIGNALS`); divergence is ``divergence_iter`` (the classifier's, or the first
     non-finite step)."""
-    onsets = {stage: first_crossing(load(run_dir), start_iter=start_iter, factor=factor, rising=rising)
-              for stage, (load, rising) in CHAIN_SIGNALS.items()}
+    onsets, peaks = {}, {}
+    for stage, (load, rising) in CHAIN_SIGNALS.items():
+        series = load(run_dir)
+        onsets[stage] = first_crossing(series, start_iter=start_iter, factor=factor, rising=rising)
+        peaks[stage] = peak_ratio(series, start_iter=start_iter, rising=rising)
     onsets["divergence"] = divergence_iter
     reached = [onsets[s] for s in CHAIN if onsets[s] is not None]
-    return {"onsets": onsets, "reached": len(reached),
+    return {"onsets": onsets, "peaks": peaks, "reached": len(reached),
             "in_order": all(a <= b for a, b in zip(reached, reached[1:]))}
+
+
+def peak_ratio(series: Series | None, *, start_iter: int, rising: bool) -> float | None:
+    """How far the signal went from its :func:`baseline`: the largest ``value / baseline``
+    (``rising``) or ``baseline / value`` after ``start_iter``, ignoring non-finite values."""
+    base = baseline(series, start_iter)
+    if base is None or not np.isfinite(base) or base <= 0:
+        return None
+    values = series[1][(series[0] >= start_iter) & np.isfinite(series[1])]
+    ratios = values / base if rising else base / np.maximum(values, np.finfo(float).tiny)
+    return float(ratios.max()) if len(ratios) else None
 
 
 def divergence_iter(run_dir, verdict: dict) -> int | None:

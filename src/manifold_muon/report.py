@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import (CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_iter, health_curve, seed_gap,
-                       sigma_max_curve)
+from .analysis import CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_iter, health_curve, seed_gap
 from .diagnostics import module_group
 from .figures import make_figures, plot_causal_chains
 from .stability import DEFAULT_THRESHOLDS
@@ -124,18 +123,16 @@ GAP_COLUMNS = [("pair", "Pair (a - b)"), ("mode", "Mode"), ("seeds", "Seeds"), (
 
 
 def chain_rows(out_dir, results: list[dict], *, factor: float = 2.0) -> list[tuple[dict, dict]]:
-    """``(result_row, chain)`` for every run, unstable runs first, then by attention sigma_max growth."""
+    """``(result_row, chain)`` for every run, unstable runs first, then by attention sigma_max
+    growth since the end of warmup."""
     out_dir = Path(out_dir)
     pairs = []
     for r in results:
         cfg = json.loads((out_dir / r["run"] / "config.json").read_text())
-        chain = causal_chain(out_dir / r["run"], start_iter=cfg["warmup_iters"],
-                             divergence_iter=divergence_iter(out_dir / r["run"], r), factor=factor)
-        curve = sigma_max_curve(out_dir / r["run"], "attention")
-        growth = float(np.nanmax(curve[1]) / curve[1][0]) if curve is not None and curve[1][0] > 0 else 0.0
-        pairs.append((r, chain, growth))
-    pairs.sort(key=lambda t: (t[0]["stable"], -t[2]))
-    return [(r, c) for r, c, _ in pairs]
+        pairs.append((r, causal_chain(out_dir / r["run"], start_iter=cfg["warmup_iters"],
+                                      divergence_iter=divergence_iter(out_dir / r["run"], r), factor=factor)))
+    pairs.sort(key=lambda t: (t[0]["stable"], -(t[1]["peaks"]["sigma_max"] or 0.0)))
+    return pairs
 
 
 def _chain_markdown(chains: list[tuple[dict, dict]]) -> str:

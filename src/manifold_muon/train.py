@@ -180,11 +180,12 @@ class Trainer:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         extra = {}
         if collect:
-            sq: dict[str, float] = {}
+            sq: dict[str, torch.Tensor] = {}
             for name, p in self.model.named_parameters():
                 if p.grad is not None:
-                    sq[module_group(name)] = sq.get(module_group(name), 0.0) + p.grad.float().pow(2).sum().item()
-            extra["group_grad_norm"] = {k: math.sqrt(v) for k, v in sq.items()}
+                    sq[module_group(name)] = sq.get(module_group(name), 0.0) + p.grad.float().pow(2).sum()
+            norms = torch.stack(list(sq.values())).sqrt().tolist()   # one device sync, not one per parameter
+            extra["group_grad_norm"] = dict(zip(sq, norms))
             self.opt.collect_stats = True
         if finite:
             if cfg.grad_clip > 0:
