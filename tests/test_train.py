@@ -64,6 +64,12 @@ def test_run_writes_its_directory_and_learns(data_dir, tmp_path):
     assert {"loss", "lr_adamw", "lr_muon", "step_ms", "tokens_per_s", "mfu", "grad_norm"} <= set(row)
     assert row["lr_muon"] / row["lr_adamw"] == pytest.approx(0.02 / 0.02)
     assert summary["status"] == "completed" and json.loads((run / "env.json").read_text())["torch"] == torch.__version__
+    # per-group gradient norms on diagnostic steps add up (in squares) to the step's global norm
+    total = {r["iter"]: r["grad_norm"] for r in read_jsonl(run / "metrics.jsonl")}
+    diags = [d for d in read_jsonl(run / "diagnostics.jsonl") if d.get("grad_norm")]
+    assert diags and {"attention", "mlp"} <= set(diags[0]["grad_norm"])
+    for d in diags:
+        assert sum(v * v for v in d["grad_norm"].values()) ** 0.5 == pytest.approx(total[d["iter"]], rel=1e-4)
 
 
 def test_killed_run_resumes_with_bitwise_identical_losses(data_dir, tmp_path):
