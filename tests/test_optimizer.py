@@ -172,15 +172,17 @@ def test_bad_groups_name_the_valid_choices():
         ManifoldMuon(p[:1], msign_steps=0)
 
 
-@pytest.mark.parametrize("mode,dtype", [("improved", torch.float32), ("fast", torch.bfloat16), ("paper", torch.bfloat16)])
-def test_muon_step_uses_the_modes_msign_dtype_and_the_groups_msign_steps(mode, dtype):
+@pytest.mark.parametrize("mode,dtype", [("improved", torch.bfloat16), ("fast", torch.bfloat16), ("paper", torch.bfloat16),
+                                        ("improved", "float32")])
+def test_plain_muon_takes_bf16_unless_told_and_the_groups_msign_steps(mode, dtype):
     from manifold_muon import msign
     for steps in (None, 3):
         w = torch.nn.Parameter(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)))
         w.grad = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
         before = w.detach().clone()
-        ManifoldMuon([w], mode=mode, msign_steps=steps, momentum=0.0, nesterov=False, lr=0.1).step()
-        expected = before - 0.1 * msign(w.grad, "polar_express", steps, dtype=dtype)
+        told = {"msign_dtype": dtype} if isinstance(dtype, str) else {}
+        ManifoldMuon([w], mode=mode, msign_steps=steps, momentum=0.0, nesterov=False, lr=0.1, **told).step()
+        expected = before - 0.1 * msign(w.grad, "polar_express", steps, dtype=getattr(torch, dtype) if told else dtype)
         torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=0)
 
 

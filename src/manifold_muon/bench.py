@@ -27,13 +27,18 @@ __all__ = ["run_bench", "format_bench"]
 ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
 
 
-def _configs(allocations):
+MODES = ("paper", "fast", "improved")
+
+
+def _configs(allocations, modes):
     yield "adamw", "baseline", {}
     yield "torch.optim.Muon", "torch-muon", {}
-    yield "muon (ours)", "unconstrained", {}
+    # Our Muon with torch's math (Newton-Schulz 5, bf16), then with the paper's (Polar Express 10, bf16).
+    yield "muon (ours, newton-schulz)", "unconstrained", {"msign_method": "newton_schulz"}
+    yield "muon (ours, polar express)", "unconstrained", {}
     for alloc in allocations:
         if alloc != "unconstrained":
-            for mode in ("paper", "fast", "improved"):
+            for mode in modes:
                 yield f"{alloc} [{mode}]", alloc, {"mode": mode}
 
 
@@ -63,7 +68,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, rounds: int = 5, warmup: int = 2,
+def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=MODES, rounds: int = 5, warmup: int = 2,
               overrides: dict[str, str] | None = None, device: str = "auto") -> dict:
     cfg = make_config(preset, overrides or {})
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -72,7 +77,10 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, rounds: int 
     x = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
     y = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
     setups = []
-    for label, alloc, extra in _configs(allocations):
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(MODES)}")
+    for label, alloc, extra in _configs(allocations, modes):
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model).to(dev)
         steps = cfg.dual_steps_for(extra.get("mode", "improved"))  # as in training

@@ -95,7 +95,7 @@ def _report(args) -> None:
 
 def _bench(args, extra) -> None:
     from .bench import format_bench, run_bench, save_bench
-    result = run_bench(args.preset, allocations=_csv(args.allocations), rounds=args.rounds,
+    result = run_bench(args.preset, allocations=_csv(args.allocations), modes=_csv(args.modes), rounds=args.rounds,
                        overrides=_split_overrides(extra))
     path = save_bench(result, args.out)
     print(format_bench(result))
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and save it as JSON. Extra --key=value are config overrides.")
     b.add_argument("--preset", default="tiny-cpu", help="config preset (gpt2-small on a GPU is the paper's model)")
     b.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv")
+    b.add_argument("--modes", default="paper,fast,improved",
+                   help="Manifold Muon solver modes to time per allocation (improved is slow at GPT-2 scale)")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds after 2 warm-up rounds (default 5)")
     b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
     return parser

@@ -66,12 +66,13 @@ IMPROVED_DEFAULTS = dict(steps=128, alpha=0.05, tol=2e-4)
 FAST_DEFAULTS = dict(IMPROVED_DEFAULTS, steps=0)
 
 
-def default_msign_dtype(mode: str, work: torch.dtype = torch.float32) -> torch.dtype:
-    """msign's compute dtype when none is given: bfloat16 in paper mode (the reference's) and
-    in fast mode (speed first: on tiny-GPT momenta it changed the alignment by under 0.002,
-    ``benchmarks/direction_quality.py``); ``work`` (float32, float64 for float64 input) in
-    improved mode, whose L-BFGS needs accurate dual gradients."""
-    return torch.bfloat16 if mode in ("paper", "fast") else work
+def default_msign_dtype(mode: str, work: torch.dtype = torch.float32, *, has_dual: bool = True) -> torch.dtype:
+    """msign's compute dtype when none is given: ``work`` (float32, float64 for float64 input)
+    for the improved mode's dual solver, whose L-BFGS needs accurate dual gradients; bfloat16
+    everywhere else: paper mode (the reference's), fast mode (speed first: on tiny-GPT momenta
+    it changed the alignment by under 0.002, ``benchmarks/direction_quality.py``) and plain
+    Muon (as ``torch.optim.Muon`` and the reference)."""
+    return work if mode == "improved" and has_dual else torch.bfloat16
 
 
 @dataclass
@@ -315,7 +316,8 @@ def solve_direction(
     tol = defaults["tol"] if tol is None else float(tol)
 
     work = torch.float64 if G.dtype == torch.float64 else torch.float32
-    sign = partial(msign, method=msign_method, steps=msign_steps, dtype=dtype or default_msign_dtype(mode, work))
+    sign = partial(msign, method=msign_method, steps=msign_steps,
+                   dtype=dtype or default_msign_dtype(mode, work, has_dual=manifold.has_dual))
     if not manifold.has_dual:  # none / spectral ball: plain Muon direction
         a = sign(G).to(G.dtype)
         return DirectionResult(a, None, 0, torch.zeros(G.shape[:-2], device=G.device))

@@ -23,8 +23,8 @@ key                 meaning
                     to its optimum and stops early; the multiplier is saved in the state)
 ``msign_method``    ``polar_express | newton_schulz | svd``
 ``msign_steps``     iterations of the msign (None: the method's default, Polar Express 10)
-``msign_dtype``     ``"bfloat16" | "float32" | None`` (None: bf16 in paper and fast mode,
-                    float32 in improved mode; see ``dual.default_msign_dtype``)
+``msign_dtype``     ``"bfloat16" | "float32" | None`` (None: float32 for improved mode's dual
+                    solver, else bf16; see ``dual.default_msign_dtype``)
 ``adjust_lr``       Muon lr shape scaling as ``torch.optim.Muon``'s ``adjust_lr_fn``:
                     ``None`` (the paper: none), ``"original"``, ``"match_rms_adamw"``
 ``betas``, ``eps``  AdamW
@@ -121,7 +121,7 @@ def _oriented(p: torch.Tensor, group) -> torch.Tensor:
 def _msign_dtype(group) -> torch.dtype:
     if group["msign_dtype"] is not None:
         return _DTYPES[group["msign_dtype"]]
-    return default_msign_dtype(group["mode"])
+    return default_msign_dtype(group["mode"], has_dual=get_manifold(group["manifold"]).has_dual)
 
 
 class ManifoldMuon(torch.optim.Optimizer):

@@ -1,0 +1,111 @@
+"""Where fast mode's optimizer time goes, lever by lever, at a GPT's matrix shapes.
+
+For one transformer layer's four matrices (``3d x d`` attention in-projection, ``d x d``
+out-projection, ``4d x d`` and ``d x 4d`` MLP), stacked ``--layers`` deep as the optimizer
+batches them, it times side by side (interleaved rounds, medians):
+
+* Muon's msign: Newton-Schulz 5 steps in bf16 (``torch.optim.Muon``'s), Polar Express 10
+  steps in float32 (our improved mode's) and bf16 (paper and fast mode's), and 7 steps;
+* the retraction: Polar Express 10 steps (before) vs ``msign_near_orthogonal`` (now);
+* the repair's spectral norm: eigendecomposition (improved mode) vs 16 Lanczos steps (fast);
+* fast mode's whole direction (``solve_direction(mode="fast")``) in float32 and bf16, and the
+  same plus its retraction: the Manifold Muon step's matrix work.
+
+Every row is also given as a multiple of Muon's msign (Newton-Schulz, bf16).  On a CPU only
+these ratios mean anything.  Usage: python benchmarks/fast_path.py [--d 384] [--layers 6]
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from manifold_muon.optim import get_manifold, solve_direction
+from manifold_muon.optim.dual import spectral_norm, spectral_norm_estimate
+from manifold_muon.optim.msign import msign, msign_near_orthogonal
+
+
+def stacks(d: int, layers: int, manifold: str, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(W on the manifold, a gradient-like G, W moved by 0.02 A) per shape."""
+    gen = torch.Generator().manual_seed(0)
+    man = get_manifold(manifold)
+    out = []
+    for m, n in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d)):
+        w = man.init(torch.randn(layers, m, n, generator=gen)).to(device)
+        low_rank = torch.randn(layers, m, 16, generator=gen) @ torch.randn(layers, 16, n, generator=gen)
+        g = (0.01 * (low_rank + 0.3 * torch.randn(layers, m, n, generator=gen))).to(device)
+        a = solve_direction(w, g, man, mode="fast").direction
+        out.append((w, g, w - 0.02 * a))
+    return out
+
+
+def levers(manifold: str):
+    man = get_manifold(manifold)
+    bf16 = torch.bfloat16
+    return {
+        "muon msign: newton-schulz 5, bf16": lambda w, g, x: msign(g, "newton_schulz", dtype=bf16),
+        "msign: polar express 10, fp32": lambda w, g, x: msign(g, dtype=torch.float32),
+        "msign: polar express 10, bf16": lambda w, g, x: msign(g, dtype=bf16),
+        "msign: polar express 7, bf16": lambda w, g, x: msign(g, steps=7, dtype=bf16),
+        "retraction: polar express 10 (before)": lambda w, g, x: msign(x, dtype=torch.float32),
+        "retraction: near-orthogonal (now)": lambda w, g, x: man.retract(x),
+        "norm: eigendecomposition": lambda w, g, x: spectral_norm(g),
+        "norm: lanczos 16": lambda w, g, x: spectral_norm_estimate(g),
+        "fast direction, fp32": lambda w, g, x: solve_direction(w, g, man, mode="fast", dtype=torch.float32),
+        "fast direction, bf16 (default)": lambda w, g, x: solve_direction(w, g, man, mode="fast"),
+        "fast direction + retraction": lambda w, g, x: man.retract(
+            w - 0.02 * solve_direction(w, g, man, mode="fast").direction),
+    }
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(d: int, layers: int, manifold: str, rounds: int, device) -> dict:
+    data = stacks(d, layers, manifold, device)
+    fns = levers(manifold)
+    times = {name: [] for name in fns}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for w, g, x in data:
+                fn(w, g, x)
+            sync(device)
+            if r:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    base = statistics.median(times["muon msign: newton-schulz 5, bf16"])
+    return {name: {"ms": statistics.median(t), "vs_muon": statistics.median(t) / base} for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, default=384, help="model width (GPT-2 small: 768)")
+    parser.add_argument("--layers", type=int, default=6, help="layers, i.e. matrices per shape")
+    parser.add_argument("--manifolds", default="stiefel,dgram")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+              else platform.processor() or "cpu", "torch": torch.__version__, "d": args.d, "layers": args.layers,
+              "threads": torch.get_num_threads(), "rows": {}}
+    for manifold in args.manifolds.split(","):
+        result["rows"][manifold] = run(args.d, args.layers, manifold, args.rounds, device)
+        print(f"\n{manifold}: d={args.d}, {args.layers} matrices per shape, {result['device']}")
+        print(f"{'lever':42s} {'ms':>9s} {'x muon msign':>13s}")
+        for name, row in result["rows"][manifold].items():
+            print(f"{name:42s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
+    path = Path(args.out) / f"fast_path_{result['date']}_d{args.d}_{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nsaved: {path}")
+
+
+if __name__ == "__main__":
+    main()
