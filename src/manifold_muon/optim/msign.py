@@ -11,7 +11,8 @@ Dtype policy
   ``torch.optim.Muon`` use and it is faster on tensor cores, but rounding the
   input to bf16 erases the directions of singular values below ~2^-8 of the
   largest, so it cannot meet "a few percent of the polar factor" at condition
-  numbers near 1e3.  The optimizer's paper mode uses bf16, as the reference.
+  numbers near 1e3.  The optimizer uses bf16 for plain Muon and in paper and fast
+  mode, float32 for the improved mode's dual solver (``dual.default_msign_dtype``).
 * ``"svd"`` is the exact reference; it computes in float32, or in float64 when
   the input is float64.
 * The result is always returned in the input's dtype.
