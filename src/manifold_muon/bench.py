@@ -25,8 +25,6 @@ from .optim import ManifoldMuon, resolve
 __all__ = ["run_bench", "format_bench"]
 
 ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
-
-
 MODES = ("paper", "fast", "improved")
 
 
@@ -70,6 +68,9 @@ def _sync(device):
 
 def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=MODES, rounds: int = 5, warmup: int = 2,
               overrides: dict[str, str] | None = None, device: str = "auto") -> dict:
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(MODES)}")
     cfg = make_config(preset, overrides or {})
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -77,9 +78,6 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=MODES,
     x = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
     y = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
     setups = []
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(MODES)}")
     for label, alloc, extra in _configs(allocations, modes):
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model).to(dev)

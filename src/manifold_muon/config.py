@@ -35,7 +35,7 @@ class TrainConfig:
     muon_momentum: float = 0.95
     dual_steps: int = -1              # improved solver's iteration cap; -1: its default (paper mode: always 20)
     msign_steps: int = 0              # msign iterations; 0: the method's default (Polar Express: 10)
-    msign_dtype: str = ""             # bfloat16 | float32; "": the mode's default (bf16 in paper/fast mode)
+    msign_dtype: str = ""             # bfloat16 | float32; "": the default (float32 for improved mode's dual, else bf16)
     grad_clip: float = 1.0            # global norm over all parameters; 0 disables
     # evaluation, logging, checkpoints
     eval_interval: int = 1_000

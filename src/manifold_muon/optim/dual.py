@@ -39,10 +39,11 @@ Three modes:
       repair *is* the answer (projected dual-ascent direction, rescaled).
 * ``"fast"``: the improved mode's warm start and repair with no dual iterations and no
   carried multiplier: ``A = repair(msign(G - W S0))``, one msign per matrix (in bfloat16
-  unless told otherwise), as cheap as Muon plus a few ``m n^2`` products.  Its repair rescales by a Lanczos estimate of the
-  spectral norm instead of an eigendecomposition (slow on GPUs), so ``||A||_2 <= 1`` holds
-  to that estimate's accuracy (within 3e-3 on the momenta we measured).  On the momenta of tiny GPTs (``benchmarks/
-  direction_quality.py``) it was as well aligned as 64 L-BFGS iterations, and better than
+  unless told otherwise), as cheap as Muon plus a few ``m n^2`` products.  Its repair
+  rescales by a Lanczos estimate of the spectral norm instead of an eigendecomposition (slow
+  on GPUs), so ``||A||_2 <= 1`` holds to that estimate's accuracy (within 3e-3 on the
+  momenta we measured).  On the momenta of tiny GPTs (``benchmarks/direction_quality.py``)
+  it was as well aligned as 64 L-BFGS iterations, and better than
   2-16 of them (repairing an unconverged iterate loses alignment), and better than the
   paper's 20 steps once those are made feasible.
 """
@@ -55,7 +56,7 @@ from functools import partial
 import torch
 
 from .manifolds import Manifold, as_tall, get_manifold, sym
-from .msign import msign
+from .msign import msign, work_dtype
 
 __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "default_msign_dtype",
            "alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
@@ -90,7 +91,8 @@ class DirectionResult:
     def violation_end(self) -> torch.Tensor:
         """Tangent violation of the returned A, computed on demand (an ``m n^2`` product that
         the optimizer needs only on the steps that collect statistics).  It reads ``weight``
-        as it is now: read it before updating W in place."""
+        as it is now, so a caller that updates W in place must read it first (the optimizer
+        updates out of place)."""
         if self.manifold is None:
             return torch.zeros_like(self.violation_start)
         return self.manifold.tangent_violation(self.weight, self.direction)
@@ -100,7 +102,7 @@ def singular_values(a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     """Singular values per matrix, ascending, from the eigenvalues of the small Gram: several
     times cheaper than an SVD.  Computed in ``dtype`` (default float32, float64 for float64)."""
     at, _ = as_tall(a)
-    work = at.to(dtype or (torch.float64 if at.dtype == torch.float64 else torch.float32))
+    work = at.to(dtype or work_dtype(at))
     return torch.linalg.eigvalsh(work.mT @ work).clamp(min=0).sqrt()
 
 
@@ -117,7 +119,7 @@ def spectral_norm_estimate(a: torch.Tensor, iters: int = 16) -> torch.Tensor:
     values cluster, is the slowest; DGram within 1e-6), exact for square Stiefel.
     """
     at, _ = as_tall(a)
-    work = at.double() if at.dtype == torch.float64 else at.float()
+    work = at.to(work_dtype(at))
     gram = work.mT @ work
     n = gram.shape[-1]
     start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=work.dtype)
@@ -150,7 +152,7 @@ def _scaled_violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> t
     """Scale-free tangent violation: ``RMS(H_ij / (d_i + d_j))``, ``d`` the column norms of tall W."""
     d = w.norm(dim=-2)
     h = manifold.project(w.mT @ a + a.mT @ w)
-    return (h / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp(min=1e-30)).pow(2).mean(dim=(-2, -1)).sqrt()
+    return _rms(h / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp(min=1e-30))
 
 
 def _paper(manifold, w, g, steps, alpha, tol, sign):
@@ -276,7 +278,7 @@ def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, estimate_norm)
     a = a - w @ manifold.normal_coefficients(w, a, projected=2 * violation)
     # The factor 1 + 1e-6 absorbs the Gram's float32 rounding so the bound holds strictly.
     # Fast mode trades that strictness for speed: its norm is a Lanczos estimate (see
-    # spectral_norm_estimate), so its ||A||_2 may exceed 1 by the estimate's error (< 1e-2).
+    # spectral_norm_estimate), so its ||A||_2 may exceed 1 by the estimate's error (3e-3 measured).
     norm = spectral_norm_estimate(a) if estimate_norm else spectral_norm(a)
     a = a / (norm * (1 + 1e-6)).clamp(min=1.0)[..., None, None]
     return a, s, taken, violation_start
@@ -315,7 +317,7 @@ def solve_direction(
     alpha = defaults["alpha"] if alpha is None else float(alpha)
     tol = defaults["tol"] if tol is None else float(tol)
 
-    work = torch.float64 if G.dtype == torch.float64 else torch.float32
+    work = work_dtype(G)
     sign = partial(msign, method=msign_method, steps=msign_steps,
                    dtype=dtype or default_msign_dtype(mode, work, has_dual=manifold.has_dual))
     if not manifold.has_dual:  # none / spectral ball: plain Muon direction

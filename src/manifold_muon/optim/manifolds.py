@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .msign import msign, msign_near_orthogonal
+from .msign import msign, msign_near_orthogonal, work_dtype
 
 __all__ = ["Manifold", "DGram", "get_manifold", "register_manifold", "MANIFOLDS", "as_tall", "gram_diag_solve", "sym"]
 
@@ -103,7 +103,7 @@ class Manifold:
 
     def init(self, w: torch.Tensor) -> torch.Tensor:
         """Project an arbitrary initialisation onto the manifold (computed in float32 or better)."""
-        work = w if w.dtype == torch.float64 else w.float()
+        work = w.to(work_dtype(w))
         return self.retract(work, exact=True).to(w.dtype)
 
     def residual(self, w: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def _polar(w: torch.Tensor, exact: bool) -> torch.Tensor:
     (``msign_near_orthogonal``; Polar Express for points further away).  Matmul-only."""
     if exact:
         return msign(w, "svd")
-    return msign_near_orthogonal(w, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
+    return msign_near_orthogonal(w)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class DGram(Manifold):
 
     def _retract_tall(self, w, exact):
         if self.retraction == "svd":
-            work = w if w.dtype == torch.float64 else w.float()
+            work = w.to(work_dtype(w))
             u, s, vh = torch.linalg.svd(work, full_matrices=False)
             return self._clip_columns((u @ vh) * s.unsqueeze(-2)).to(w.dtype)
         norms = w.norm(dim=-2, keepdim=True)
@@ -233,12 +233,12 @@ class SpectralBall(Manifold):
     name: str = "spectral"
 
     def _retract_tall(self, w, exact):
-        work = w if w.dtype == torch.float64 else w.float()
+        work = w.to(work_dtype(w))
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         return ((u * s.clamp(max=1.0).unsqueeze(-2)) @ vh).to(w.dtype)
 
     def residual(self, w):
-        work = w if w.dtype == torch.float64 else w.float()
+        work = w.to(work_dtype(w))
         return (torch.linalg.matrix_norm(work, ord=2) - 1).clamp(min=0).to(w.dtype)
 
 

@@ -70,9 +70,13 @@ def _odd_quintic_iterations(x: torch.Tensor, schedule) -> torch.Tensor:
     return x
 
 
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision matrix work defaults to: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _svd_polar(x: torch.Tensor) -> torch.Tensor:
-    work = x if x.dtype == torch.float64 else x.float()
-    u, _, vh = torch.linalg.svd(work, full_matrices=False)
+    u, _, vh = torch.linalg.svd(x.to(work_dtype(x)), full_matrices=False)
     return u @ vh
 
 
@@ -109,8 +113,7 @@ def msign(
     out_dtype = X.dtype
     lead = X.shape[:-2]
     x = X.reshape(-1, *X.shape[-2:]) if X.ndim > 3 else X
-    if dtype is None:
-        dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    dtype = dtype or work_dtype(X)
     x = x.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation so the Gram x x^T is the small one
@@ -158,8 +161,7 @@ def msign_near_orthogonal(X: torch.Tensor, *, dtype: torch.dtype | None = None,
     """
     if X.ndim < 2:
         raise ValueError(f"msign needs a matrix or a stack of matrices, got shape {tuple(X.shape)}")
-    if dtype is None:
-        dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    dtype = dtype or work_dtype(X)
     wide = X.shape[-2] < X.shape[-1]
     x = (X.mT if wide else X).to(dtype)  # tall, so the Gram X^T X is the small side
     eye = torch.eye(x.shape[-1], dtype=dtype, device=x.device)

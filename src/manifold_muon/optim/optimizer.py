@@ -252,27 +252,25 @@ class ManifoldMuon(torch.optim.Optimizer):
                                          msign_method=group["msign_method"], msign_steps=group["msign_steps"],
                                          dtype=_msign_dtype(group))
                 a = result.direction
-                if self.collect_stats:  # now: it reads w, which the update below changes in place
-                    violation_end = result.violation_end
                 if carry:
                     duals = gather_slices(result.dual.to(w.dtype), len(batch), world_size)
             else:
                 a = msign(g, group["msign_method"], group["msign_steps"], dtype=_msign_dtype(group))
+            # Out of place: the solve's result keeps this w (DirectionResult.weight) for its statistics.
             if wd:
-                w.mul_(1 - lr * wd)
-            w.add_(a.to(w.dtype), alpha=-scale)
+                w = w * (1 - lr * wd)
+            w = torch.add(w, a.to(w.dtype), alpha=-scale)
             if manifold.name != "none":
                 w = manifold.retract(w)
             if self.collect_stats:  # before the gather: each rank reports the matrices it solved
-                self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w,
-                                   (result.violation_start, violation_end) if result is not None else None)
+                self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result)
             w_all = gather_slices(w, len(batch), world_size)
             for i, p in enumerate(batch):
                 _oriented(p, group).copy_(w_all[i])
                 if duals is not None:
                     self.state[p]["dual"] = duals[i]
 
-    def _record_stats(self, group, batch, manifold, g, a, w, violations):
+    def _record_stats(self, group, batch, manifold, g, a, w, result):
         names = dict(zip(map(id, group["params"]), group.get("names", [])))
         align = alignment(g, a)
         momentum_norm = spectral_norm(g.float())
@@ -281,5 +279,5 @@ class ManifoldMuon(torch.optim.Optimizer):
             self.stats[names.get(id(p), f"param{id(p)}")] = {
                 "manifold": manifold.name, "alignment": align[i].item(), "momentum_norm": momentum_norm[i].item(),
                 "residual": residual[i].item(),
-                "violation_start": violations[0][i].item() if violations is not None else 0.0,
-                "violation_end": violations[1][i].item() if violations is not None else 0.0}
+                "violation_start": result.violation_start[i].item() if result is not None else 0.0,
+                "violation_end": result.violation_end[i].item() if result is not None else 0.0}
