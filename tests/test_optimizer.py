@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from manifold_muon import ManifoldMuon, get_manifold, resolve
+from manifold_muon.optim.msign import full_precision_matmuls
 from conftest import TinyGPT, markov_batches
 
 
@@ -192,3 +193,48 @@ def test_lr_and_weight_decay_default_per_algorithm_unless_given():
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.02, 0.0), (1e-3, 0.01)]
     opt = ManifoldMuon([{"params": p[:1]}, {"params": p[1:], "algorithm": "adamw", "lr": 0.3}], lr=0.5)
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.3]
+
+
+@pytest.fixture
+def restores_matmul_precision():
+    """Give the test a free hand with the global float32 matmul settings, then put them back."""
+    legacy = torch.get_float32_matmul_precision()
+    per_backend = {name: getattr(torch.backends, name).matmul.fp32_precision for name in ("cuda", "mkldnn")}
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    for name, value in per_backend.items():
+        getattr(torch.backends, name).matmul.fp32_precision = value
+
+
+def test_full_precision_matmuls_pins_ieee_and_restores_the_callers_settings(restores_matmul_precision):
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    seen = []
+    with pytest.raises(KeyError):  # restored on an exception too
+        with full_precision_matmuls():
+            seen = [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision]
+            raise KeyError
+    assert seen == ["ieee", "ieee"]
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
+
+
+@pytest.mark.parametrize("manifold", ["stiefel", "dgram"])
+def test_constraints_hold_to_float32_when_the_caller_lowers_float32_matmuls(manifold, restores_matmul_precision):
+    # "medium" lets oneDNN run float32 matmuls in bf16 on CPUs with bf16 units (TF32 on GPUs
+    # is the same hazard at "high"); the optimizer must not inherit that for its constraints.
+    a, b = torch.randn(256, 256, dtype=torch.float64), torch.randn(256, 256, dtype=torch.float64)
+    torch.set_float32_matmul_precision("medium")
+    lowered = ((a.float() @ b.float()).double() - a @ b).norm() / (a @ b).norm()
+    if lowered < 1e-5:
+        pytest.skip(f"this CPU keeps float32 matmuls at float32 under 'medium' (error {lowered:.1e})")
+    params = clone_params([(64, 16), (16, 64)])
+    opt = ManifoldMuon([{"params": params, "manifold": manifold, "mode": "fast"}], lr=0.05)
+    opt.collect_stats = True
+    for step in range(10):
+        set_grads(params, step)
+        opt.step()
+    for name, stats in opt.stats.items():
+        assert stats["residual"] < 1e-6, (name, stats)        # was 8e-5 with the caller's bf16 matmuls
+        assert stats["violation_end"] < 1e-5, (name, stats)   # was 1e-3
+    assert torch.get_float32_matmul_precision() == "medium"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"

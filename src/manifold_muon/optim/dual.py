@@ -56,7 +56,7 @@ from functools import partial
 import torch
 
 from .manifolds import Manifold, as_tall, get_manifold, sym
-from .msign import msign, work_dtype
+from .msign import full_precision_matmuls, msign, work_dtype
 
 __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "default_msign_dtype",
            "alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
@@ -285,6 +285,7 @@ def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, estimate_norm)
 
 
 @torch.no_grad()
+@full_precision_matmuls()
 def solve_direction(
     W: torch.Tensor,
     G: torch.Tensor,

@@ -71,7 +71,7 @@ from torch.optim.adam import adam as _torch_adam
 from .distributed import gather_slices, owned_indices, world
 from .dual import DIRECTION_MODES, alignment, default_msign_dtype, solve_direction, spectral_norm
 from .manifolds import get_manifold
-from .msign import MSIGN_METHODS, msign
+from .msign import MSIGN_METHODS, full_precision_matmuls, msign
 
 __all__ = ["ManifoldMuon", "ALGORITHMS"]
 
@@ -184,14 +184,15 @@ class ManifoldMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if group["algorithm"] == "adamw":
-                self._adamw(group, params)
-            else:
-                self._muon(group, params)
+        with full_precision_matmuls():  # constraints hold to float32 under a global TF32 setting
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
+                if group["algorithm"] == "adamw":
+                    self._adamw(group, params)
+                else:
+                    self._muon(group, params)
         return loss
 
     # ---- AdamW: torch's own functional implementation ----------------------------------------
