@@ -206,16 +206,30 @@ def restores_matmul_precision():
         getattr(torch.backends, name).matmul.fp32_precision = value
 
 
-def test_full_precision_matmuls_pins_ieee_and_restores_the_callers_settings(restores_matmul_precision):
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    seen = []
+@pytest.mark.parametrize("caller", ["legacy high", "legacy medium", "per-backend", "default"])
+def test_full_precision_matmuls_pins_ieee_consistently_and_restores_the_callers_settings(
+        caller, restores_matmul_precision):
+    if caller.startswith("legacy"):
+        torch.set_float32_matmul_precision(caller.split()[1])
+    elif caller == "per-backend":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [b.fp32_precision for b in backends]
+    seen = {}
     with pytest.raises(KeyError):  # restored on an exception too
         with full_precision_matmuls():
-            seen = [torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision]
+            seen["per-backend"] = [b.fp32_precision for b in backends]
+            # cuBLAS reads this before every float32 matmul; torch raises if the legacy and
+            # per-backend settings disagree, so the pin must keep them consistent.
+            seen["cublas tf32"] = torch.backends.cuda.matmul.allow_tf32
+            seen["legacy"] = torch.get_float32_matmul_precision()
             raise KeyError
-    assert seen == ["ieee", "ieee"]
-    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
+    assert seen == {"per-backend": ["ieee", "ieee"], "cublas tf32": False, "legacy": "highest"}
+    assert [b.fp32_precision for b in backends] == before
+    if caller.startswith("legacy"):
+        assert torch.get_float32_matmul_precision() == caller.split()[1]
+        assert torch.backends.cuda.matmul.allow_tf32  # readable: consistent again
 
 
 @pytest.mark.parametrize("manifold", ["stiefel", "dgram"])

@@ -95,16 +95,27 @@ def full_precision_matmuls():
     need float32's 1e-7, not TF32's 1e-3: under ``"medium"`` on a CPU with bf16 units the
     manifold residual after 20 steps was 8e-5 instead of 1e-8 and the fast direction's
     tangent violation 1e-3 instead of 4e-7.  Deliberately low-precision work (the bf16
-    msign) is unaffected: it is bf16 by dtype, not by this setting.  The caller's settings
-    are restored on exit, through the same per-backend API, so none is left changed.
+    msign) is unaffected: it is bf16 by dtype, not by this setting.
+
+    How: torch keeps a legacy setting and per-backend ones, and refuses to run a cuBLAS
+    float32 matmul when the two disagree (``allowTF32CuBLAS`` checks).  So the pin goes
+    through the legacy setter, which sets both consistently, and the exit restores the
+    legacy value and then each backend's own, leaving the caller's settings as they were.
+    A caller whose settings already disagree (torch cannot read the legacy value) gets the
+    backends restored and the legacy value left at ``"highest"``.
     """
     matmul = [getattr(torch.backends, name).matmul for name in _FP32_MATMUL_BACKENDS]
     saved = [backend.fp32_precision for backend in matmul]
     try:
-        for backend in matmul:
-            backend.fp32_precision = "ieee"
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller mixed the legacy and per-backend settings
+        legacy = None
+    torch.set_float32_matmul_precision("highest")
+    try:
         yield
     finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
         for backend, value in zip(matmul, saved):
             backend.fp32_precision = value
 
