@@ -1,9 +1,10 @@
-"""Direction quality on real momenta: paper mode vs the improved solver at several iteration caps.
+"""Direction quality on real momenta: paper mode, fast mode and the improved solver at several caps.
 
 Loads a finished run's checkpoint (weights and Muon momentum buffers), and for every
 constrained matrix group (attention / MLP x manifold) solves the direction for the
-momentum ``G`` at the weights ``W`` with paper mode (the reference's 20 steps) and with the
-improved solver capped at 0, 2, 4, ... iterations.  Per setting it reports, averaged over the
+momentum ``G`` at the weights ``W`` with paper mode (the reference's 20 steps), fast mode
+(its defaults: bf16 msign, Lanczos rescale) and the improved solver (float32 msign) capped at
+0, 2, 4, ... iterations.  Per setting it reports, averaged over the
 group's matrices:
 
 * ``alignment`` ``<G, A> / ||G||_*`` of the direction as returned;
@@ -73,14 +74,15 @@ def dual_value(w, g, s) -> torch.Tensor:
 def measure(w, g, manifold_name, caps) -> list[dict]:
     manifold = get_manifold(manifold_name)
     rows, bounds = [], []
-    settings = [("paper", None)] + [("improved", c) for c in caps]
+    settings = [("paper", None), ("fast", None)] + [("improved", c) for c in caps]
+    names = {"paper": "paper (20 steps)", "fast": "fast (bf16)"}
     for mode, cap in settings:
         t0 = time.perf_counter()
         r = solve_direction(w, g, manifold, mode=mode, steps=cap)
         ms = (time.perf_counter() - t0) * 1e3
         if mode == "improved":
             bounds.append(dual_value(w, g, r.dual))
-        rows.append({"setting": "paper (20 steps)" if mode == "paper" else f"improved, cap {cap}", "ms": ms,
+        rows.append({"setting": names.get(mode, f"improved, cap {cap}"), "ms": ms,
                      "alignment": alignment(g, r.direction), "violation": manifold.tangent_violation(w, r.direction),
                      "repaired": repaired_alignment(w, g, r.direction, manifold), "iterations": r.steps_taken})
     bound = torch.stack(bounds).min(dim=0).values

@@ -8,8 +8,9 @@ batches them, it times side by side (interleaved rounds, medians):
   steps in float32 (our improved mode's) and bf16 (paper and fast mode's), and 7 steps;
 * the retraction: Polar Express 10 steps (before) vs ``msign_near_orthogonal`` (now);
 * the repair's spectral norm: eigendecomposition (improved mode) vs 16 Lanczos steps (fast);
-* fast mode's whole direction (``solve_direction(mode="fast")``) in float32 and bf16, and the
-  same plus its retraction: the Manifold Muon step's matrix work.
+* fast mode's whole direction (``solve_direction(mode="fast")``) with a float32 msign, with a
+  bf16 msign fed by a float32 warm start (before) and by a bf16 one (now the default), and
+  the default plus its retraction: the Manifold Muon step's matrix work.
 
 Every row is also given as a multiple of Muon's msign (Newton-Schulz, bf16).  On a CPU only
 these ratios mean anything.  Usage: python benchmarks/fast_path.py [--d 384] [--layers 6]
@@ -23,8 +24,11 @@ from pathlib import Path
 
 import torch
 
+from functools import partial
+
 from manifold_muon.optim import get_manifold, solve_direction
-from manifold_muon.optim.dual import spectral_norm, spectral_norm_estimate
+from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimate  # _fast: the "before" row
+from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.optim.msign import msign, msign_near_orthogonal
 
 
@@ -55,6 +59,8 @@ def levers(manifold: str):
         "norm: eigendecomposition": lambda w, g, x: spectral_norm(g),
         "norm: lanczos 16": lambda w, g, x: spectral_norm_estimate(g),
         "fast direction, fp32": lambda w, g, x: solve_direction(w, g, man, mode="fast", dtype=torch.float32),
+        "fast direction, bf16, fp32 warm start (before)": lambda w, g, x: _fast(
+            man, as_tall(w)[0], as_tall(g)[0], partial(msign, dtype=bf16), torch.float32),
         "fast direction, bf16 (default)": lambda w, g, x: solve_direction(w, g, man, mode="fast"),
         "fast direction + retraction": lambda w, g, x: man.retract(
             w - 0.02 * solve_direction(w, g, man, mode="fast").direction),
@@ -98,9 +104,9 @@ def main():
     for manifold in args.manifolds.split(","):
         result["rows"][manifold] = run(args.d, args.layers, manifold, args.rounds, device)
         print(f"\n{manifold}: d={args.d}, {args.layers} matrices per shape, {result['device']}")
-        print(f"{'lever':42s} {'ms':>9s} {'x muon msign':>13s}")
+        print(f"{'lever':48s} {'ms':>9s} {'x muon msign':>13s}")
         for name, row in result["rows"][manifold].items():
-            print(f"{name:42s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
+            print(f"{name:48s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
     path = Path(args.out) / f"fast_path_{result['date']}_d{args.d}_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from manifold_muon import get_manifold, manifold_direction, msign, solve_direction
+from manifold_muon.optim.dual import alignment
 from conftest import dual_bound, momentum_like, point_on
 
 FAST_NORM_TOL = 5e-3   # fast mode's ||A||_2 <= 1 up to its Lanczos estimate (measured within 3e-3)
@@ -163,18 +164,33 @@ def test_default_direction_reaches_the_bound_on_real_training_momenta():
     assert checked == 6
 
 
-def test_fast_mode_is_the_improved_warm_start_and_repair_without_steps():
-    w = point_on("dgram", 64, 16, seed=2).float()
-    g = momentum_like(64, 16, seed=2).float()
-    carried = solve_direction(w, g, "dgram").dual   # a better start than the warm start: improved would take it
-    fast = solve_direction(w, g, "dgram", mode="fast", dual_init=carried)   # fast ignores it
-    zero = solve_direction(w, g, "dgram", mode="improved", steps=0, dtype=torch.bfloat16)   # fast's default msign dtype
+@pytest.mark.parametrize("man,shape", [("dgram", (64, 16)), ("stiefel", (32, 96)), ("dgram", (32, 32))])
+def test_fast_mode_is_the_improved_warm_start_and_repair_without_steps(man, shape):
+    w = point_on(man, *shape, seed=2).float()
+    g = momentum_like(*shape, seed=2).float()
+    carried = solve_direction(w, g, man).dual   # a better start than the warm start: improved would take it
+    # With a float32 msign fast mode is exactly that (fast ignores the carried dual); only the
+    # rescale differs (fast: a Lanczos estimate of the norm).
+    fast = solve_direction(w, g, man, mode="fast", dual_init=carried, dtype=torch.float32)
+    zero = solve_direction(w, g, man, mode="improved", steps=0, dtype=torch.float32)
     assert fast.steps_taken == 0
-    # The same direction; only the rescale differs (fast: a Lanczos estimate of the norm).
     ratio = fast.direction.norm() / zero.direction.norm()
     torch.testing.assert_close(fast.direction, ratio * zero.direction, atol=1e-6, rtol=0)
     assert abs(ratio - 1) < FAST_NORM_TOL
-    check_feasible(w, fast.direction, "dgram", norm_tol=FAST_NORM_TOL)
+    # By default it builds the warm start in bf16 too, as its msign rounds it to bf16 anyway:
+    # the alignment moves by rounding only (measured <= 1e-3) and tangency stays float32's.
+    default = solve_direction(w, g, man, mode="fast")
+    zero_bf16 = solve_direction(w, g, man, mode="improved", steps=0, dtype=torch.bfloat16)
+    assert abs(alignment(g, default.direction) - alignment(g, zero_bf16.direction)) < 3e-3
+    assert (default.direction / default.direction.norm() - zero_bf16.direction / zero_bf16.direction.norm()).norm() < 0.06
+    assert get_manifold(man).tangent_violation(w, default.direction) < 1e-6
+    check_feasible(w, default.direction, man, norm_tol=FAST_NORM_TOL)
+
+
+def test_fast_mode_refuses_dual_steps_with_a_pointer_to_improved_mode():
+    w, g = point_on("dgram", 32, 16).float(), momentum_like(32, 16).float()
+    with pytest.raises(ValueError, match="fast mode takes no dual steps, got steps=4.*mode='improved'"):
+        solve_direction(w, g, "dgram", mode="fast", steps=4)
 
 
 @pytest.mark.parametrize("man,shape", [("stiefel", (96, 32)), ("stiefel", (48, 48)), ("dgram", (96, 32)),

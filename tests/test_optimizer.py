@@ -171,6 +171,8 @@ def test_bad_groups_name_the_valid_choices():
         ManifoldMuon(p[:1], learning_rate=0.1)
     with pytest.raises(ValueError, match="msign_steps must be a positive integer"):
         ManifoldMuon(p[:1], msign_steps=0)
+    with pytest.raises(ValueError, match="mode='fast' takes no dual steps, got dual_steps=8"):
+        ManifoldMuon(p[:1], manifold="stiefel", mode="fast", dual_steps=8)
 
 
 @pytest.mark.parametrize("mode,dtype", [("improved", torch.bfloat16), ("fast", torch.bfloat16), ("paper", torch.bfloat16),

@@ -39,7 +39,8 @@ Three modes:
       repair *is* the answer (projected dual-ascent direction, rescaled).
 * ``"fast"``: the improved mode's warm start and repair with no dual iterations and no
   carried multiplier: ``A = repair(msign(G - W S0))``, one msign per matrix (in bfloat16
-  unless told otherwise), as cheap as Muon plus a few ``m n^2`` products.  Its repair
+  unless told otherwise; the warm start is built in the msign's dtype, which rounds it to
+  that anyway), as cheap as Muon plus three float32 ``m n^2`` products.  Its repair
   rescales by a Lanczos estimate of the spectral norm instead of an eigendecomposition (slow
   on GPUs), so ``||A||_2 <= 1`` holds to that estimate's accuracy (within 3e-3 on the
   momenta we measured).  On the momenta of tiny GPTs (``benchmarks/direction_quality.py``)
@@ -261,10 +262,38 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(dim=(-2, -1)).sqrt()
 
 
-def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, estimate_norm):
-    n = w.shape[-1]
-    scale = g.norm(dim=(-2, -1), keepdim=True) / math.sqrt(n)
-    g = g / scale.clamp(min=1e-30)
+def _normalised(g: torch.Tensor) -> torch.Tensor:
+    """G divided by its RMS singular value ``||G||_F / sqrt(n)``: scale-free."""
+    scale = g.norm(dim=(-2, -1), keepdim=True) / math.sqrt(g.shape[-1])
+    return g / scale.clamp(min=1e-30)
+
+
+def _repair(manifold, w, a, violation, estimate_norm):
+    """Exact tangent projection (from ``violation`` = the dual's gradient ``P(sym(W^T A))``,
+    already at hand), then a rescale to spectral norm at most 1.
+
+    The factor 1 + 1e-6 absorbs the Gram's float32 rounding so the bound holds strictly.
+    Fast mode trades that strictness for speed: its norm is a Lanczos estimate (see
+    spectral_norm_estimate), so its ||A||_2 may exceed 1 by the estimate's error (3e-3 measured)."""
+    a = a - w @ manifold.normal_coefficients(w, a, projected=2 * violation)
+    norm = spectral_norm_estimate(a) if estimate_norm else spectral_norm(a)
+    return a / (norm * (1 + 1e-6)).clamp(min=1.0)[..., None, None]
+
+
+def _fast(manifold, w, g, sign, low):
+    """``repair(msign(G - W S0))`` with the warm start built in ``low``, msign's dtype.
+
+    Why ``low``: msign rounds its input to that dtype anyway, so products that only shape
+    its input gain nothing from float32, and on GPUs a float32 product costs ~10 bf16 ones.
+    The dual's gradient and the repair stay in float32: they decide tangency."""
+    wl, gl = w.to(low), _normalised(g).to(low)
+    a = sign(gl - wl @ manifold.normal_coefficients(wl, gl)).to(w.dtype)
+    violation = manifold.project(sym(w.mT @ a))
+    return _repair(manifold, w, a, violation, estimate_norm=True), _rms(violation)
+
+
+def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init):
+    g = _normalised(g)
     # The exact tangent projection of G (X0 = G - W S0 is tangent) is always a candidate start:
     # for square Stiefel it attains the dual bound, so the early stop returns it with no steps,
     # even when a carried multiplier (dual_init) is offered and would be worse.
@@ -273,15 +302,7 @@ def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, estimate_norm)
         starts.append(manifold.project(sym(dual_init.to(g.dtype))))
     a, violation, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, sign),
                                                                starts, steps, alpha, tol)
-    # Repair: exact tangent projection (from the dual's gradient P(sym(W^T A)), already at
-    # hand), then keep the spectral norm at most 1.
-    a = a - w @ manifold.normal_coefficients(w, a, projected=2 * violation)
-    # The factor 1 + 1e-6 absorbs the Gram's float32 rounding so the bound holds strictly.
-    # Fast mode trades that strictness for speed: its norm is a Lanczos estimate (see
-    # spectral_norm_estimate), so its ||A||_2 may exceed 1 by the estimate's error (3e-3 measured).
-    norm = spectral_norm_estimate(a) if estimate_norm else spectral_norm(a)
-    a = a / (norm * (1 + 1e-6)).clamp(min=1.0)[..., None, None]
-    return a, s, taken, violation_start
+    return _repair(manifold, w, a, violation, estimate_norm=False), s, taken, violation_start
 
 
 @torch.no_grad()
@@ -317,10 +338,13 @@ def solve_direction(
     steps = defaults["steps"] if steps is None else int(steps)
     alpha = defaults["alpha"] if alpha is None else float(alpha)
     tol = defaults["tol"] if tol is None else float(tol)
+    if mode == "fast" and steps:
+        raise ValueError(f"fast mode takes no dual steps, got steps={steps}; for dual iterations "
+                         f"use mode='improved' with steps={steps}")
 
     work = work_dtype(G)
-    sign = partial(msign, method=msign_method, steps=msign_steps,
-                   dtype=dtype or default_msign_dtype(mode, work, has_dual=manifold.has_dual))
+    dtype = dtype or default_msign_dtype(mode, work, has_dual=manifold.has_dual)
+    sign = partial(msign, method=msign_method, steps=msign_steps, dtype=dtype)
     if not manifold.has_dual:  # none / spectral ball: plain Muon direction
         a = sign(G).to(G.dtype)
         return DirectionResult(a, None, 0, torch.zeros(G.shape[:-2], device=G.device))
@@ -329,10 +353,10 @@ def solve_direction(
     g = (G.mT if wide else G).to(work)
     if mode == "paper":
         a, lam, taken, v0 = _paper(manifold, w, g, steps, alpha, tol, sign)
+    elif mode == "fast":
+        (a, v0), lam, taken = _fast(manifold, w, g, sign, dtype), None, 0
     else:
-        fast = mode == "fast"
-        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, sign,
-                                      None if fast else dual_init, estimate_norm=fast)
+        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, sign, dual_init)
     return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold)
 
 

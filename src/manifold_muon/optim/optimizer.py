@@ -152,6 +152,9 @@ class ManifoldMuon(torch.optim.Optimizer):
         steps = group["msign_steps"]
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"msign_steps must be a positive integer or None (the method's default), got {steps!r}")
+        if group["mode"] == "fast" and group["dual_steps"]:
+            raise ValueError(f"mode='fast' takes no dual steps, got dual_steps={group['dual_steps']!r}; "
+                             f"use mode='improved' for dual iterations")
         _check_choice("adjust_lr", group["adjust_lr"], _ADJUST_LR)
         if group["lr"] < 0 or group["weight_decay"] < 0 or not 0 <= group["momentum"] < 1:
             raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got lr={group['lr']}, "
