@@ -13,11 +13,13 @@ group's matrices:
   rescale to spectral norm 1), the fair comparison for an infeasible paper-mode direction;
 * ``of_bound``: alignment / the smallest dual value found (a certified upper bound), so 1.0
   means provably optimal;
-* ``ms``: wall time of the solve for the whole group (relative only; CPU here).
+* ``ms``: wall time of the solve for the whole group (relative only; ``--device`` picks where,
+  default a GPU when present).
 
 This is the "fast mode" question of issue 5 measured without a GPU: how few iterations keep
 the direction at least as good as the paper's.
 Usage: python benchmarks/direction_quality.py RUN_DIR [RUN_DIR ...] [--caps 0,2,4,8,16,32,128]
+       [--device auto|cpu|cuda]
 """
 import argparse
 import json
@@ -71,14 +73,21 @@ def dual_value(w, g, s) -> torch.Tensor:
     return singular_values(g + w @ (s * scale), torch.float64).sum(-1) / nuclear
 
 
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(w, g, manifold_name, caps) -> list[dict]:
     manifold = get_manifold(manifold_name)
     rows, bounds = [], []
     settings = [("paper", None), ("fast", None)] + [("improved", c) for c in caps]
     names = {"paper": "paper (20 steps)", "fast": "fast (bf16)"}
     for mode, cap in settings:
+        sync(w.device)
         t0 = time.perf_counter()
         r = solve_direction(w, g, manifold, mode=mode, steps=cap)
+        sync(w.device)
         ms = (time.perf_counter() - t0) * 1e3
         if mode == "improved":
             bounds.append(dual_value(w, g, r.dual))
@@ -98,7 +107,9 @@ def main():
     ap.add_argument("runs", nargs="+", type=Path, help="run directories holding ckpt.pt")
     ap.add_argument("--caps", default="0,2,4,8,16,32,128", help="improved-solver iteration caps")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--device", default="auto", help="where to solve: auto (a GPU when present), cpu, cuda")
     args = ap.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     caps = [int(c) for c in args.caps.split(",") if c]
     torch.manual_seed(0)
     table = []
@@ -106,7 +117,7 @@ def main():
         if not (run / "ckpt.pt").is_file():
             sys.exit(f"error: {run} holds no ckpt.pt")
         for (group, manifold, shape), (w, g) in load_momenta(run).items():
-            for row in measure(w, g, manifold, caps):
+            for row in measure(w.to(device), g.to(device), manifold, caps):
                 table.append({"run": run.name, "group": group, "manifold": manifold,
                               "shape": f"{len(w)}x{shape[0]}x{shape[1]}", **row})
     head = f"{'run':24} {'group':9} {'manifold':8} {'stack':10} {'setting':18} {'align':>6} {'viol':>8} {'repaired':>8} {'of bound':>8} {'ms':>7}"
@@ -115,8 +126,9 @@ def main():
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}_cpu.json"  # the solves run on the CPU
-    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": platform.processor() or platform.machine(),
+    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}_{device.type}.json"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": name,
                                 "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}, indent=1))
     print(f"saved: {path}")
 

@@ -7,17 +7,24 @@
 #   bash scripts/gpu.sh prepare        -> gpu-carry/ (ignored): the corpus's token files + a tqdm wheel
 # There, with gpu-carry carried, one stage per call:
 #   bash scripts/gpu.sh bench [OVERRIDES]           issue 5's table: GPT-2 small, 65,536 tokens/step
-#   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS]  gpt2-reduced runs, e.g. `sweep paper,improved 1`
+#   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS]  gpt2-reduced runs, e.g. `sweep paper,improved 1`,
+#                                                   then `quality` on the runs it finished
+#   bash scripts/gpu.sh quality [RUN_DIR ...]       issue 5's direction quality, per matrix group, on
+#                                                   the final momenta of runs (default: every
+#                                                   constrained run here with a checkpoint)
 #   bash scripts/gpu.sh report                      report over results/gpt2-reduced
-# Every stage leaves its numbers in $OUT: the bench JSON, or results.tgz (run directories
-# without checkpoints) to unpack here and commit, so the next call's sweep skips them.
+# Every stage leaves its numbers in $OUT: the bench or quality JSON, or results.tgz (run
+# directories without checkpoints, which stay on the device) to unpack here and commit, so the
+# next call's sweep skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-}"
 shift || true
 OUT="${OUT:-out/gpu}"
 PYTHON="${PYTHON:-python}"
-BUDGET_S="${BUDGET_S:-520}"   # the sweep stops here, leaving time to pack what finished
+BUDGET_S="${BUDGET_S:-480}"   # the sweep stops here, leaving time to pack and measure what finished
+QUALITY_S="${QUALITY_S:-60}"  # direction quality on the finished runs' momenta
+RESULTS="${RESULTS:-results/gpt2-reduced}"
 
 setup_device() {
   mkdir -p "$OUT" data
@@ -33,8 +40,22 @@ EOF
 }
 
 pack_results() {
-  tar czf "$OUT/results.tgz" --exclude=ckpt.pt --exclude='*.tmp' results/gpt2-reduced 2>/dev/null || true
+  tar czf "$OUT/results.tgz" --exclude=ckpt.pt --exclude='*.tmp' "$RESULTS" 2>/dev/null || true
   ls -la "$OUT"
+}
+
+direction_quality() {  # args: run directories; default every constrained run with a checkpoint
+  local runs=("$@")
+  if [ ${#runs[@]} -eq 0 ]; then
+    for ckpt in "$RESULTS"/*/ckpt.pt; do
+      [ -e "$ckpt" ] || continue
+      case "$(basename "$(dirname "$ckpt")")" in unconstrained-*) continue ;; esac
+      runs+=("$(dirname "$ckpt")")
+    done
+  fi
+  if [ ${#runs[@]} -eq 0 ]; then echo "quality: no constrained run with a checkpoint in $RESULTS"; return 0; fi
+  timeout "$QUALITY_S" "$PYTHON" benchmarks/direction_quality.py "${runs[@]}" --caps 0,16,64 --out "$OUT" \
+    || echo "quality stopped (budget ${QUALITY_S}s)"
 }
 
 case "$stage" in
@@ -55,16 +76,21 @@ case "$stage" in
     seeds="${2:?sweep needs SEEDS, e.g. 1,2}"
     allocs="${3:-unconstrained,all-stiefel,all-dgram,hetero,hetero-inv}"
     timeout "$BUDGET_S" "$PYTHON" -m manifold_muon sweep --preset gpt2-reduced --modes "$modes" --seeds "$seeds" \
-      --allocations "$allocs" --out results/gpt2-reduced --quiet || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
+      --allocations "$allocs" --out "$RESULTS" --quiet || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
     pack_results
+    direction_quality
+    ;;
+  quality)
+    setup_device
+    direction_quality "$@"
     ;;
   report)
     setup_device
-    "$PYTHON" -m manifold_muon report results/gpt2-reduced
+    "$PYTHON" -m manifold_muon report "$RESULTS"
     pack_results
     ;;
   *)
-    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | sweep MODES SEEDS [ALLOCATIONS] | report" >&2
+    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | sweep MODES SEEDS [ALLOCATIONS] | quality [RUN_DIR ...] | report" >&2
     exit 2
     ;;
 esac
