@@ -15,6 +15,11 @@ def test_bench_rows_ratios_and_quality(tmp_path):
     assert rows["muon (ours, newton-schulz)"]["alignment"] < 0.99   # NS5 does not converge to msign, by design
     assert rows["hetero [improved]"]["violation_max"] < 1e-5 and rows["hetero [fast]"]["violation_max"] < 1e-5
     assert rows["hetero [paper]"]["violation_max"] > rows["hetero [improved]"]["violation_max"]
+    hetero = rows["hetero [fast]"]["by_group"]   # per matrix group: hetero is Stiefel attention, DGram MLP
+    assert {g: q["manifold"] for g, q in hetero.items() if q["manifold"] != "none"} == {"attention": "stiefel",
+                                                                                      "mlp": "dgram"}
+    assert max(q["violation_max"] for q in hetero.values()) == rows["hetero [fast]"]["violation_max"]
+    assert "mlp        dgram" in format_bench(result)
     path = save_bench(result, tmp_path)
     assert path.name == f"bench_{result['date']}_tiny-cpu_cpu.json"
     assert "hetero [improved]" in format_bench(result)

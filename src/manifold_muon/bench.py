@@ -4,7 +4,8 @@ For one model and batch it times AdamW everywhere, ``torch.optim.Muon`` (+ AdamW
 rest), our Muon, and our Manifold Muon in paper, fast and improved mode for each allocation.
 Configurations are interleaved round by round (A B C ... A B C ...), medians are reported,
 and every ratio is against AdamW's whole step measured in the same rounds.  Quality columns:
-the mean alignment ``<G, A> / ||G||_*`` and the largest tangent violation of the last step.
+the mean alignment ``<G, A> / ||G||_*`` and the largest tangent violation of the last step,
+overall and per matrix group (attention / MLP).
 Absolute times mean something only on a GPU; on a CPU read the ratios.
 """
 from __future__ import annotations
@@ -119,7 +120,9 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=MODES,
                      "step_ms": statistics.median(step),
                      "step_ratio_vs_adamw": statistics.median(a / b for a, b in zip(step, base_rounds)),
                      "alignment": statistics.mean(h["alignment_mean"] for h in health.values()) if health else None,
-                     "violation_max": max((h["violation_end_max"] for h in managed), default=None)})
+                     "violation_max": max((h["violation_end_max"] for h in managed), default=None),
+                     "by_group": {group: {"manifold": h["manifold"], "alignment": h["alignment_mean"],
+                                          "violation_max": h["violation_end_max"]} for group, h in health.items()}})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
             "preset": preset,
@@ -136,7 +139,15 @@ def format_bench(result: dict) -> str:
         viol = f"{r['violation_max']:.1e}" if r["violation_max"] is not None else "-"
         body += (f"{r['config']:28s} {r['optimizer_ms']:9.1f} {r['step_ms']:9.1f} {r['step_ratio_vs_adamw']:11.3f} "
                  f"{align:>7s} {viol:>9s}\n")
-    return head + cols + body
+    groups = ""  # the quality columns per matrix group, for the constrained configurations
+    for r in result["rows"]:
+        for group, q in sorted(r.get("by_group", {}).items()):
+            if q["manifold"] != "none":
+                groups += (f"{r['config']:28s} {group:10s} {q['manifold']:13s} {q['alignment']:7.3f} "
+                           f"{q['violation_max']:9.1e}\n")
+    if groups:
+        groups = f"\n{'config':28s} {'group':10s} {'manifold':13s} {'align':>7s} {'viol max':>9s}\n" + groups
+    return head + cols + body + groups
 
 
 def save_bench(result: dict, out_dir="benchmarks/results") -> Path:
