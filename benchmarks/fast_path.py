@@ -10,7 +10,8 @@ batches them, it times side by side (interleaved rounds, medians):
 * the repair's spectral norm: eigendecomposition (improved mode) vs 16 Lanczos steps (fast);
 * fast mode's whole direction (``solve_direction(mode="fast")``) with a float32 msign, with a
   bf16 msign fed by a float32 warm start (before) and by a bf16 one (now the default), and
-  the default plus its retraction: the Manifold Muon step's matrix work.
+  the default plus its retraction: the Manifold Muon step's matrix work, also with the float32
+  matmuls lowered (``matmul_precision`` 'high' and 'medium': TF32 on a GPU).
 
 Every row is also given as a multiple of Muon's msign (Newton-Schulz, bf16).  On a CPU only
 these ratios mean anything.  Usage: python benchmarks/fast_path.py [--d 384] [--layers 6]
@@ -29,6 +30,7 @@ from functools import partial
 from manifold_muon.optim import get_manifold, solve_direction
 from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimate  # _fast: the "before" row
 from manifold_muon.optim.manifolds import as_tall
+from manifold_muon.optim.precision import float32_matmul_precision
 from manifold_muon.optim.msign import msign, msign_near_orthogonal
 
 
@@ -62,9 +64,21 @@ def levers(manifold: str):
         "fast direction, bf16, fp32 warm start (before)": lambda w, g, x: _fast(
             man, as_tall(w)[0], as_tall(g)[0], partial(msign, dtype=bf16), torch.float32),
         "fast direction, bf16 (default)": lambda w, g, x: solve_direction(w, g, man, mode="fast"),
-        "fast direction + retraction": lambda w, g, x: man.retract(
-            w - 0.02 * solve_direction(w, g, man, mode="fast").direction),
+        "fast direction + retraction": lambda w, g, x: fast_step(man, w, g),
+        # float32 matmuls lowered as a param group's matmul_precision does: TF32 on GPUs at
+        # both levels; on CPUs 'high' changes nothing and 'medium' is bf16 where bf16 units exist.
+        "fast direction + retraction, matmuls 'high'": lambda w, g, x: lowered(fast_step, "high", man, w, g),
+        "fast direction + retraction, matmuls 'medium'": lambda w, g, x: lowered(fast_step, "medium", man, w, g),
     }
+
+
+def fast_step(man, w, g):
+    return man.retract(w - 0.02 * solve_direction(w, g, man, mode="fast").direction)
+
+
+def lowered(fn, level, *args):
+    with float32_matmul_precision(level):
+        return fn(*args)
 
 
 def sync(device):
@@ -104,9 +118,9 @@ def main():
     for manifold in args.manifolds.split(","):
         result["rows"][manifold] = run(args.d, args.layers, manifold, args.rounds, device)
         print(f"\n{manifold}: d={args.d}, {args.layers} matrices per shape, {result['device']}")
-        print(f"{'lever':48s} {'ms':>9s} {'x muon msign':>13s}")
+        print(f"{'lever':50s} {'ms':>9s} {'x muon msign':>13s}")
         for name, row in result["rows"][manifold].items():
-            print(f"{name:48s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
+            print(f"{name:50s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
     path = Path(args.out) / f"fast_path_{result['date']}_d{args.d}_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -6,7 +6,9 @@
 # Here, once (needs data/local-corpus: `python scripts/build_local_corpus.py`, see the README):
 #   bash scripts/gpu.sh prepare        -> gpu-carry/ (ignored): the corpus's token files + a tqdm wheel
 # There, with gpu-carry carried, one stage per call:
-#   bash scripts/gpu.sh bench [OVERRIDES]           issue 5's table: GPT-2 small, 65,536 tokens/step
+#   bash scripts/gpu.sh bench [OVERRIDES]           issue 5's table: GPT-2 small, 65,536 tokens/step;
+#                                                   again with --matmul_precision=high for TF32
+#   bash scripts/gpu.sh levers                      benchmarks/fast_path.py at GPT-2 small's shapes
 #   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS]  gpt2-reduced runs, e.g. `sweep paper,improved 1`,
 #                                                   then `quality` on the runs it finished
 #   bash scripts/gpu.sh quality [RUN_DIR ...]       issue 5's direction quality, per matrix group, on
@@ -70,6 +72,10 @@ case "$stage" in
     # The improved solver's cap is lowered so that the table fits one call (128 would take minutes).
     "$PYTHON" -m manifold_muon bench --preset gpt2-small --rounds 5 --out "$OUT" --dual_steps=32 "$@"
     ;;
+  levers)
+    setup_device
+    "$PYTHON" benchmarks/fast_path.py --d 768 --layers 12 --rounds 10 --out "$OUT"
+    ;;
   sweep)
     setup_device
     modes="${1:?sweep needs MODES, e.g. paper,improved}"
@@ -90,7 +96,7 @@ case "$stage" in
     pack_results
     ;;
   *)
-    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | sweep MODES SEEDS [ALLOCATIONS] | quality [RUN_DIR ...] | report" >&2
+    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] | quality [RUN_DIR ...] | report" >&2
     exit 2
     ;;
 esac

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from manifold_muon import ManifoldMuon, get_manifold, resolve
-from manifold_muon.optim.msign import full_precision_matmuls
+from manifold_muon.optim.precision import float32_matmul_precision, matmul_eps
 from conftest import TinyGPT, markov_batches
 
 
@@ -209,7 +209,7 @@ def restores_matmul_precision():
 
 
 @pytest.mark.parametrize("caller", ["legacy high", "legacy medium", "per-backend", "default"])
-def test_full_precision_matmuls_pins_ieee_consistently_and_restores_the_callers_settings(
+def test_float32_matmul_precision_pins_ieee_consistently_and_restores_the_callers_settings(
         caller, restores_matmul_precision):
     if caller.startswith("legacy"):
         torch.set_float32_matmul_precision(caller.split()[1])
@@ -220,7 +220,7 @@ def test_full_precision_matmuls_pins_ieee_consistently_and_restores_the_callers_
     before = [b.fp32_precision for b in backends]
     seen = {}
     with pytest.raises(KeyError):  # restored on an exception too
-        with full_precision_matmuls():
+        with float32_matmul_precision():
             seen["per-backend"] = [b.fp32_precision for b in backends]
             # cuBLAS reads this before every float32 matmul; torch raises if the legacy and
             # per-backend settings disagree, so the pin must keep them consistent.
@@ -254,3 +254,59 @@ def test_constraints_hold_to_float32_when_the_caller_lowers_float32_matmuls(mani
         assert stats["violation_end"] < 1e-5, (name, stats)   # was 1e-3
     assert torch.get_float32_matmul_precision() == "medium"
     assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
+def test_library_functions_follow_an_enclosing_choice_and_default_to_ieee(monkeypatch, restores_matmul_precision):
+    import manifold_muon.optim.manifolds as manifolds
+    seen, original = [], manifolds.msign_near_orthogonal
+    monkeypatch.setattr(manifolds, "msign_near_orthogonal",
+                        lambda x, **kw: seen.append(torch.backends.cuda.matmul.fp32_precision) or original(x, **kw))
+    stiefel, w = get_manifold("stiefel"), torch.randn(12, 4)
+    torch.set_float32_matmul_precision("high")      # the caller's global choice does not reach the library ...
+    stiefel.retract(w)
+    with float32_matmul_precision("high"):          # ... an explicit block does
+        stiefel.retract(w)
+    assert seen == ["ieee", "tf32"]
+    assert torch.get_float32_matmul_precision() == "high"
+    with float32_matmul_precision("high"):          # TF32 on a GPU sets how far the retraction refines
+        assert matmul_eps(torch.float32, torch.device("cuda")) == 2.0**-10
+        assert matmul_eps(torch.float32, torch.device("cpu")) == torch.finfo(torch.float32).eps
+    torch.set_float32_matmul_precision("highest")
+    assert matmul_eps(torch.float32, torch.device("cuda")) == torch.finfo(torch.float32).eps
+    with pytest.raises(ValueError, match="unknown matmul precision .tf32.; valid choices: highest, high, medium"):
+        ManifoldMuon(clone_params([(4, 4)]), matmul_precision="tf32")
+
+
+def test_a_groups_lowered_matmul_precision_trades_residual_for_speed(restores_matmul_precision):
+    torch.set_float32_matmul_precision("medium")
+    a, b = torch.randn(256, 256, dtype=torch.float64), torch.randn(256, 256, dtype=torch.float64)
+    if ((a.float() @ b.float()).double() - a @ b).norm() / (a @ b).norm() < 1e-5:
+        pytest.skip("this CPU keeps float32 matmuls at float32 under 'medium'")
+    torch.set_float32_matmul_precision("highest")
+    residual = {}
+    for level in ("highest", "medium"):
+        params = clone_params([(64, 16)])
+        opt = ManifoldMuon([{"params": params, "manifold": "stiefel", "mode": "fast", "matmul_precision": level}],
+                           lr=0.05)
+        opt.collect_stats = True
+        for step in range(10):
+            set_grads(params, step)
+            opt.step()
+        residual[level] = max(s["residual"] for s in opt.stats.values())
+    assert residual["highest"] < 1e-6 < residual["medium"] < 1e-3, residual   # bf16-level, still on the manifold
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_a_checkpoint_saved_before_a_group_key_existed_loads_with_its_default():
+    params = clone_params([(8, 4)])
+    opt = ManifoldMuon([{"params": params, "manifold": "stiefel"}])
+    set_grads(params, 0)
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["matmul_precision"], group["msign_steps"]
+    fresh = ManifoldMuon([{"params": params, "manifold": "stiefel"}], project_init=False)
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["matmul_precision"] == "highest" and fresh.param_groups[0]["msign_steps"] is None
+    set_grads(params, 1)
+    fresh.step()

@@ -86,7 +86,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=MODES,
         if alloc == "torch-muon":
             opt = _TorchMuon(model)
         else:
-            opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.msign_options(), **extra))
+            opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.numerics_options(), **extra))
         setups.append({"label": label, "model": model, "opt": opt, "fb": [], "opt_ms": []})
 
     def one_step(s, timed):

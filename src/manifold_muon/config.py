@@ -36,6 +36,7 @@ class TrainConfig:
     dual_steps: int = -1              # improved solver's iteration cap; -1: its default (paper mode: always 20)
     msign_steps: int = 0              # msign iterations; 0: the method's default (Polar Express: 10)
     msign_dtype: str = ""             # bfloat16 | float32; "": the default (float32 for improved mode's dual, else bf16)
+    matmul_precision: str = "highest" # optimizer's float32 matmuls: highest (IEEE) | high | medium (TF32 on GPUs)
     grad_clip: float = 1.0            # global norm over all parameters; 0 disables
     # evaluation, logging, checkpoints
     eval_interval: int = 1_000
@@ -58,9 +59,10 @@ class TrainConfig:
         paper mode stays the reference (20 steps) and fast mode takes none.  None: the mode's default."""
         return self.dual_steps if self.dual_steps >= 0 and mode == "improved" else None
 
-    def msign_options(self) -> dict:
-        """The msign settings as param-group keys (None: the optimizer's default)."""
-        return {"msign_steps": self.msign_steps or None, "msign_dtype": self.msign_dtype or None}
+    def numerics_options(self) -> dict:
+        """The optimizer's numerics as param-group keys (None: the optimizer's default)."""
+        return {"msign_steps": self.msign_steps or None, "msign_dtype": self.msign_dtype or None,
+                "matmul_precision": self.matmul_precision}
 
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.preset}/{self.allocation}-s{self.seed}"

@@ -57,7 +57,8 @@ from functools import partial
 import torch
 
 from .manifolds import Manifold, as_tall, get_manifold, sym
-from .msign import full_precision_matmuls, msign, work_dtype
+from .msign import msign, work_dtype
+from .precision import library_matmul_precision
 
 __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "default_msign_dtype",
            "alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
@@ -306,7 +307,7 @@ def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init):
 
 
 @torch.no_grad()
-@full_precision_matmuls()
+@library_matmul_precision()
 def solve_direction(
     W: torch.Tensor,
     G: torch.Tensor,

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .msign import full_precision_matmuls, msign, msign_near_orthogonal, work_dtype
+from .msign import msign, msign_near_orthogonal, work_dtype
+from .precision import library_matmul_precision
 
 __all__ = ["Manifold", "DGram", "get_manifold", "register_manifold", "MANIFOLDS", "as_tall", "gram_diag_solve", "sym"]
 
@@ -66,7 +67,7 @@ class Manifold:
         return torch.zeros_like(s)
 
     # ---- tangent space -----------------------------------------------------------------
-    @full_precision_matmuls()
+    @library_matmul_precision()
     def tangent_violation(self, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """``RMS(P(sym(W^T A)))`` per matrix: 0 exactly when A is tangent at W."""
         wt, wide = as_tall(w)
@@ -82,7 +83,7 @@ class Manifold:
         k = w.pow(2).sum(dim=-2)
         return gram_diag_solve(self.project(wt_g_sym2(w, g)) if projected is None else projected, k)
 
-    @full_precision_matmuls()
+    @library_matmul_precision()
     def tangent_project(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Orthogonal (Frobenius) projection of G onto the tangent space at W."""
         if not self.has_dual:
@@ -92,7 +93,7 @@ class Manifold:
         return _untall(gt - wt @ self.normal_coefficients(wt, gt), wide)
 
     # ---- retraction, init, residual ----------------------------------------------------------
-    @full_precision_matmuls()
+    @library_matmul_precision()
     def retract(self, w: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
         """Map a point near the manifold onto it (identity on points already there).
 
@@ -142,7 +143,7 @@ class Stiefel(Manifold):
     def _retract_tall(self, w, exact):
         return _polar(w, exact).to(w.dtype)
 
-    @full_precision_matmuls()  # a 1e-8 residual must not read as TF32's 1e-4
+    @library_matmul_precision()  # a 1e-8 residual must not read as TF32's 1e-4
     def residual(self, w):
         wt, _ = as_tall(w)
         gram = wt.mT @ wt
@@ -198,7 +199,7 @@ class DGram(Manifold):
         norms = w.norm(dim=-2, keepdim=True)
         return w * (self.cap / norms.clamp(min=self.cap))
 
-    @full_precision_matmuls()  # a 1e-8 residual must not read as TF32's 1e-4
+    @library_matmul_precision()  # a 1e-8 residual must not read as TF32's 1e-4
     def residual(self, w):
         wt, _ = as_tall(w)
         gram = wt.mT @ wt

@@ -16,9 +16,9 @@ Dtype policy
 * ``"svd"`` is the exact reference; it computes in float32, or in float64 when
   the input is float64.
 * The result is always returned in the input's dtype.
-* float32 means IEEE float32: the optimizer and the public manifold and solver
-  functions run under :func:`full_precision_matmuls`, so a global TF32 (or CPU bf16)
-  setting for float32 matmuls does not loosen the constraints.
+* float32 means IEEE float32 unless a ``matmul_precision`` is chosen (see
+  :mod:`manifold_muon.optim.precision`): a global TF32 (or CPU bf16) setting for float32
+  matmuls does not loosen the constraints.
 
 Accuracy (relative Frobenius error against the SVD polar factor, log-spaced
 spectra; ``tests/test_msign.py`` asserts these): polar_express in float32 is
@@ -28,11 +28,11 @@ within 1% up to condition number 1e3; in bf16 within 3% up to 1e2 and 5-20% at
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-__all__ = ["msign", "msign_near_orthogonal", "full_precision_matmuls", "MSIGN_METHODS", "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
+from .precision import matmul_eps
+
+__all__ = ["msign", "msign_near_orthogonal", "MSIGN_METHODS", "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
 
 # Keller Jordan's quintic (a, b, c): maximal slope at zero, not convergent to 1.
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -78,46 +78,6 @@ def _odd_quintic_iterations(x: torch.Tensor, schedule) -> torch.Tensor:
 def work_dtype(x: torch.Tensor) -> torch.dtype:
     """The precision matrix work defaults to: float64 for float64 input, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-# The backends whose float32 matmuls a global setting may lower: cuBLAS to TF32
-# (``torch.set_float32_matmul_precision("high")``) and oneDNN on CPUs with bf16 units
-# (``"medium"``).  The per-backend ``fp32_precision`` attributes exist from torch 2.9.
-_FP32_MATMUL_BACKENDS = ("cuda", "mkldnn")
-
-
-@contextlib.contextmanager
-def full_precision_matmuls():
-    """Run float32 matmuls in IEEE float32 inside the block, whatever the caller set globally.
-
-    Why: many training scripts lower float32 matmuls for speed (TF32 on GPUs, bf16 on some
-    CPUs).  The retraction's Newton-Schulz, the tangent projections and the norm estimate
-    need float32's 1e-7, not TF32's 1e-3: under ``"medium"`` on a CPU with bf16 units the
-    manifold residual after 20 steps was 8e-5 instead of 1e-8 and the fast direction's
-    tangent violation 1e-3 instead of 4e-7.  Deliberately low-precision work (the bf16
-    msign) is unaffected: it is bf16 by dtype, not by this setting.
-
-    How: torch keeps a legacy setting and per-backend ones, and refuses to run a cuBLAS
-    float32 matmul when the two disagree (``allowTF32CuBLAS`` checks).  So the pin goes
-    through the legacy setter, which sets both consistently, and the exit restores the
-    legacy value and then each backend's own, leaving the caller's settings as they were.
-    A caller whose settings already disagree (torch cannot read the legacy value) gets the
-    backends restored and the legacy value left at ``"highest"``.
-    """
-    matmul = [getattr(torch.backends, name).matmul for name in _FP32_MATMUL_BACKENDS]
-    saved = [backend.fp32_precision for backend in matmul]
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the caller mixed the legacy and per-backend settings
-        legacy = None
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        if legacy is not None:
-            torch.set_float32_matmul_precision(legacy)
-        for backend, value in zip(matmul, saved):
-            backend.fp32_precision = value
 
 
 def _svd_polar(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +160,8 @@ def msign_near_orthogonal(X: torch.Tensor, *, dtype: torch.dtype | None = None,
     of two ``m n^2`` products each (Polar Express: 10 steps of two plus an ``n^3``).
 
     The Gram's deviation ``||X^T X - I||_F`` (which bounds every ``|sigma^2 - 1|``) sets the
-    number of steps, to reach ``4 eps`` of the compute dtype.  If any matrix of the stack
+    number of steps, to reach ``4 eps`` of the compute dtype (of TF32 where a GPU is told to
+    use it: steps past that would refine rounding noise).  If any matrix of the stack
     deviates by more than ``max_deviation`` (e.g. an AdamW step wrapped by a retraction),
     the whole stack takes Polar Express instead.  Reading the deviation is one host sync.
     """
@@ -214,7 +175,7 @@ def msign_near_orthogonal(X: torch.Tensor, *, dtype: torch.dtype | None = None,
     deviation = float(excess.norm(dim=(-2, -1)).max()) if excess.numel() else 0.0
     if not deviation <= max_deviation:  # also catches NaN
         return msign(X, "polar_express", dtype=dtype)
-    for step in range(newton_schulz_steps_needed(deviation, 4 * torch.finfo(dtype).eps)):
+    for step in range(newton_schulz_steps_needed(deviation, 4 * matmul_eps(dtype, x.device))):
         if step:
             excess = x.mT @ x - eye
         x = x - 0.5 * (x @ excess)

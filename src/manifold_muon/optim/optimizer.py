@@ -25,6 +25,9 @@ key                 meaning
 ``msign_steps``     iterations of the msign (None: the method's default, Polar Express 10)
 ``msign_dtype``     ``"bfloat16" | "float32" | None`` (None: float32 for improved mode's dual
                     solver, else bf16; see ``dual.default_msign_dtype``)
+``matmul_precision`` the group's float32 matmuls: ``"highest"`` (IEEE, default, whatever the
+                    caller set globally), ``"high"`` or ``"medium"`` (TF32 on GPUs: a speed
+                    lever; see :mod:`manifold_muon.optim.precision`)
 ``adjust_lr``       Muon lr shape scaling as ``torch.optim.Muon``'s ``adjust_lr_fn``:
                     ``None`` (the paper: none), ``"original"``, ``"match_rms_adamw"``
 ``betas``, ``eps``  AdamW
@@ -71,7 +74,8 @@ from torch.optim.adam import adam as _torch_adam
 from .distributed import gather_slices, owned_indices, world
 from .dual import DIRECTION_MODES, alignment, default_msign_dtype, solve_direction, spectral_norm
 from .manifolds import get_manifold
-from .msign import MSIGN_METHODS, full_precision_matmuls, msign
+from .msign import MSIGN_METHODS, msign
+from .precision import MATMUL_PRECISIONS, float32_matmul_precision
 
 __all__ = ["ManifoldMuon", "ALGORITHMS"]
 
@@ -82,8 +86,8 @@ _ADJUST_LR = (None, "original", "match_rms_adamw")
 DEFAULTS = dict(
     algorithm="muon", manifold="none", lr=None, weight_decay=None, momentum=0.95, nesterov=True,
     mode="improved", dual_steps=None, dual_alpha=None, dual_tol=None, carry_dual=True,
-    msign_method="polar_express", msign_steps=None, msign_dtype=None, adjust_lr=None,
-    betas=(0.9, 0.95), eps=1e-8, transposed=False,
+    msign_method="polar_express", msign_steps=None, msign_dtype=None, matmul_precision="highest",
+    adjust_lr=None, betas=(0.9, 0.95), eps=1e-8, transposed=False,
 )
 
 
@@ -118,6 +122,13 @@ def _oriented(p: torch.Tensor, group) -> torch.Tensor:
     return p.mT if group["transposed"] else p
 
 
+def _fill_missing_keys(optimizer: "ManifoldMuon"):
+    """After ``load_state_dict``: a checkpoint saved before a group key existed gets its default."""
+    for group in optimizer.param_groups:
+        for key, value in DEFAULTS.items():
+            group.setdefault(key, value)
+
+
 def _msign_dtype(group) -> torch.dtype:
     if group["msign_dtype"] is not None:
         return _DTYPES[group["msign_dtype"]]
@@ -132,6 +143,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"unknown ManifoldMuon option(s) {sorted(unknown)}; valid: {', '.join(DEFAULTS)}")
         super().__init__(params, {**DEFAULTS, **defaults})  # each group passes through add_param_group
+        self.register_load_state_dict_post_hook(_fill_missing_keys)
         if project_init:
             self.project_to_manifolds()
         self.collect_stats = False
@@ -149,6 +161,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         _check_choice("direction mode", group["mode"], DIRECTION_MODES)
         _check_choice("msign method", group["msign_method"], MSIGN_METHODS)
         _check_choice("msign dtype", group["msign_dtype"], (None, *_DTYPES))
+        _check_choice("matmul precision", group["matmul_precision"], MATMUL_PRECISIONS)
         steps = group["msign_steps"]
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"msign_steps must be a positive integer or None (the method's default), got {steps!r}")
@@ -187,11 +200,12 @@ class ManifoldMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with full_precision_matmuls():  # constraints hold to float32 under a global TF32 setting
-            for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                if not params:
-                    continue
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # the group's own float32 matmul precision, whatever the caller set globally
+            with float32_matmul_precision(group["matmul_precision"]):
                 if group["algorithm"] == "adamw":
                     self._adamw(group, params)
                 else:
