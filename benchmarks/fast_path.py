@@ -9,7 +9,8 @@ batches them, it times side by side (interleaved rounds, medians):
 * the retraction: Polar Express 10 steps (before) vs ``msign_near_orthogonal`` (now);
 * the repair's spectral norm: eigendecomposition (improved mode) vs 16 Lanczos steps (fast);
 * fast mode's whole direction (``solve_direction(mode="fast")``) with a float32 msign, with a
-  bf16 msign fed by a float32 warm start (before) and by a bf16 one (now the default), and
+  bf16 msign of 10 steps fed by a float32 warm start (before) and the default (a bf16 warm
+  start and 7 steps), and
   the default plus its retraction: the Manifold Muon step's matrix work, also with the float32
   matmuls lowered (``matmul_precision`` 'high' and 'medium': TF32 on a GPU).
 
@@ -61,7 +62,7 @@ def levers(manifold: str):
         "norm: eigendecomposition": lambda w, g, x: spectral_norm(g),
         "norm: lanczos 16": lambda w, g, x: spectral_norm_estimate(g),
         "fast direction, fp32": lambda w, g, x: solve_direction(w, g, man, mode="fast", dtype=torch.float32),
-        "fast direction, bf16, fp32 warm start (before)": lambda w, g, x: _fast(
+        "fast direction, bf16, fp32 warm start, 10 steps (before)": lambda w, g, x: _fast(
             man, as_tall(w)[0], as_tall(g)[0], partial(msign, dtype=bf16), torch.float32),
         "fast direction, bf16 (default)": lambda w, g, x: solve_direction(w, g, man, mode="fast"),
         "fast direction + retraction": lambda w, g, x: fast_step(man, w, g),
@@ -118,9 +119,9 @@ def main():
     for manifold in args.manifolds.split(","):
         result["rows"][manifold] = run(args.d, args.layers, manifold, args.rounds, device)
         print(f"\n{manifold}: d={args.d}, {args.layers} matrices per shape, {result['device']}")
-        print(f"{'lever':50s} {'ms':>9s} {'x muon msign':>13s}")
+        print(f"{'lever':54s} {'ms':>9s} {'x muon msign':>13s}")
         for name, row in result["rows"][manifold].items():
-            print(f"{name:50s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
+            print(f"{name:54s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
     path = Path(args.out) / f"fast_path_{result['date']}_d{args.d}_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
