@@ -34,7 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.1         # where the allocation decays (2D AdamW, unconstrained Muon)
     muon_momentum: float = 0.95
     dual_steps: int = -1              # improved solver's iteration cap; -1: its default (paper mode: always 20)
-    msign_steps: int = 0              # msign iterations; 0: the method's default (Polar Express: 10)
+    msign_steps: int = 0              # msign iterations; 0: the default (Polar Express: 10; fast mode's direction: 7)
     msign_dtype: str = ""             # bfloat16 | float32; "": the default (float32 for improved mode's dual, else bf16)
     matmul_precision: str = "highest" # optimizer's float32 matmuls: highest (IEEE) | high | medium (TF32 on GPUs)
     grad_clip: float = 1.0            # global norm over all parameters; 0 disables

@@ -22,7 +22,8 @@ key                 meaning
                     (default True; momentum moves slowly, so the solve restarts close
                     to its optimum and stops early; the multiplier is saved in the state)
 ``msign_method``    ``polar_express | newton_schulz | svd``
-``msign_steps``     iterations of the msign (None: the method's default, Polar Express 10)
+``msign_steps``     iterations of the msign (None: the method's default, Polar Express 10;
+                    7 in fast mode's direction, ``dual.FAST_MSIGN_STEPS``)
 ``msign_dtype``     ``"bfloat16" | "float32" | None`` (None: float32 for improved mode's dual
                     solver, else bf16; see ``dual.default_msign_dtype``)
 ``matmul_precision`` the group's float32 matmuls: ``"highest"`` (IEEE, default, whatever the
