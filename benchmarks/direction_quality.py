@@ -36,7 +36,7 @@ from manifold_muon.config import config_from_dict
 from manifold_muon.diagnostics import module_group
 from manifold_muon.model import GPT
 from manifold_muon.optim import ManifoldMuon, get_manifold, solve_direction
-from manifold_muon.optim.dual import alignment, singular_values, spectral_norm
+from manifold_muon.optim.dual import alignment, repaired_alignment, singular_values
 from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.train import _param_groups
 
@@ -58,12 +58,6 @@ def load_momenta(run_dir: Path) -> dict[tuple[str, str], tuple[torch.Tensor, tor
             g, _ = as_tall(opt.state[p]["momentum_buffer"].float())
             stacks[(module_group(name), group["manifold"], tuple(w.shape))].append((w, g))
     return {key: (torch.stack([w for w, _ in pairs]), torch.stack([g for _, g in pairs])) for key, pairs in stacks.items()}
-
-
-def repaired_alignment(w, g, a, manifold) -> torch.Tensor:
-    a = manifold.tangent_project(w, a)
-    a = a / spectral_norm(a).clamp(min=1e-30)[..., None, None]  # to norm 1: the paper's direction at full length
-    return alignment(g, a)
 
 
 def dual_value(w, g, s) -> torch.Tensor:
@@ -93,7 +87,7 @@ def measure(w, g, manifold_name, caps) -> list[dict]:
             bounds.append(dual_value(w, g, r.dual))
         rows.append({"setting": names.get(mode, f"improved, cap {cap}"), "ms": ms,
                      "alignment": alignment(g, r.direction), "violation": manifold.tangent_violation(w, r.direction),
-                     "repaired": repaired_alignment(w, g, r.direction, manifold), "iterations": r.steps_taken})
+                     "repaired": repaired_alignment(manifold, w, g, r.direction), "iterations": r.steps_taken})
     bound = torch.stack(bounds).min(dim=0).values
     for row in rows:
         row["of_bound"] = statistics.mean((row["repaired"] / bound).tolist())

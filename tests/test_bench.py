@@ -20,6 +20,10 @@ def test_bench_rows_ratios_and_quality(tmp_path):
                                                                                       "mlp": "dgram"}
     assert max(q["violation_max"] for q in hetero.values()) == rows["hetero [fast]"]["violation_max"]
     assert "mlp        dgram" in format_bench(result)
+    # made feasible, the paper direction loses alignment; a feasible one keeps it (at norm 1)
+    paper = rows["hetero [paper]"]["by_group"]
+    assert all(q["alignment_repaired"] < q["alignment"] for q in paper.values() if q["manifold"] != "none")
+    assert all(abs(q["alignment_repaired"] - q["alignment"]) < 5e-3 for q in hetero.values())
     path = save_bench(result, tmp_path)
     assert path.name == f"bench_{result['date']}_tiny-cpu_cpu.json"
     assert "hetero [improved]" in format_bench(result)

@@ -148,16 +148,20 @@ def attention_mechanics(model, idx: torch.Tensor) -> list[dict]:
 
 
 def summarize_health(stats: dict[str, dict]) -> dict[str, dict]:
-    """Optimizer health per (group, manifold): mean alignment, max violations and residual."""
+    """Optimizer health per (group, manifold): mean alignment (as returned and made feasible),
+    max violations and residual."""
     out: dict[str, dict] = {}
     for name, s in stats.items():
         key = module_group(name)
         agg = out.setdefault(key, {"manifold": s["manifold"], "alignment_mean": 0.0, "alignment_min": 1.0,
+                                   "alignment_repaired_mean": 0.0,
                                    "violation_start_max": 0.0, "violation_end_max": 0.0, "residual_max": 0.0,
                                    "momentum_norm_max": 0.0, "n": 0})
         agg["n"] += 1
         agg["alignment_mean"] += (s["alignment"] - agg["alignment_mean"]) / agg["n"]
         agg["alignment_min"] = min(agg["alignment_min"], s["alignment"])
+        repaired = s.get("alignment_repaired", s["alignment"])   # logs written before it existed
+        agg["alignment_repaired_mean"] += (repaired - agg["alignment_repaired_mean"]) / agg["n"]
         for k in ("violation_start", "violation_end", "residual", "momentum_norm"):
             agg[f"{k}_max"] = max(agg[f"{k}_max"], s[k])
     return out

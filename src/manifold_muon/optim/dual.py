@@ -62,7 +62,7 @@ from .msign import msign, work_dtype
 from .precision import library_matmul_precision
 
 __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "default_msign_dtype",
-           "alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
+           "alignment", "repaired_alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
 
 DIRECTION_MODES = ("paper", "improved", "fast")
 PAPER_DEFAULTS = dict(steps=20, alpha=0.1, tol=1e-6)
@@ -154,6 +154,14 @@ def alignment(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def spectral_norm(a: torch.Tensor) -> torch.Tensor:
     """``||A||_2`` per matrix."""
     return singular_values(a)[..., -1].to(a.dtype)
+
+
+def repaired_alignment(manifold: Manifold, w: torch.Tensor, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The alignment of ``A`` made feasible: its exact tangent projection at ``W``, rescaled to
+    spectral norm 1.  The fair comparison for a direction that is not tangent (paper mode's);
+    for a feasible one it is its alignment at full length."""
+    a = manifold.tangent_project(w, a)
+    return alignment(g, a / spectral_norm(a).clamp(min=1e-30)[..., None, None])
 
 
 def _scaled_violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .distributed import gather_slices, owned_indices, world
-from .dual import DIRECTION_MODES, alignment, default_msign_dtype, solve_direction, spectral_norm
+from .dual import DIRECTION_MODES, alignment, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
 from .precision import MATMUL_PRECISIONS, float32_matmul_precision
@@ -292,11 +292,13 @@ class ManifoldMuon(torch.optim.Optimizer):
     def _record_stats(self, group, batch, manifold, g, a, w, result):
         names = dict(zip(map(id, group["params"]), group.get("names", [])))
         align = alignment(g, a)
+        # made feasible (tangent, norm 1): comparable across modes, paper mode's included
+        repaired = repaired_alignment(manifold, result.weight, g, a) if result is not None else align
         momentum_norm = spectral_norm(g.float())
         residual = manifold.residual(w.float())
         for i, p in enumerate(batch):
             self.stats[names.get(id(p), f"param{id(p)}")] = {
                 "manifold": manifold.name, "alignment": align[i].item(), "momentum_norm": momentum_norm[i].item(),
-                "residual": residual[i].item(),
+                "alignment_repaired": repaired[i].item(), "residual": residual[i].item(),
                 "violation_start": result.violation_start[i].item() if result is not None else 0.0,
                 "violation_end": result.violation_end[i].item() if result is not None else 0.0}
