@@ -19,7 +19,7 @@ group's matrices:
 This is the "fast mode" question of issue 5 measured without a GPU: how few iterations keep
 the direction at least as good as the paper's.
 Usage: python benchmarks/direction_quality.py RUN_DIR [RUN_DIR ...] [--caps 0,2,4,8,16,32,128]
-       [--device auto|cpu|cuda]
+       [--device auto|cpu|cuda] [--random-tokens PRESET:ALLOCATION:STEPS ...] [--tag TAG]
 """
 import argparse
 import json
@@ -32,23 +32,44 @@ from pathlib import Path
 
 import torch
 
-from manifold_muon.config import config_from_dict
+from manifold_muon.config import config_from_dict, make_config
 from manifold_muon.diagnostics import module_group
 from manifold_muon.model import GPT
-from manifold_muon.optim import ManifoldMuon, get_manifold, solve_direction
+from manifold_muon.optim import ManifoldMuon, get_manifold, resolve, solve_direction
 from manifold_muon.optim.dual import alignment, repaired_alignment, singular_values
 from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.train import _param_groups
 
 
 def load_momenta(run_dir: Path) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
-    """``{(group, manifold): (W stack, G stack)}`` from a run's checkpoint, tall orientation."""
+    """``{(group, manifold, shape): (W stack, G stack)}`` from a run's checkpoint, tall orientation."""
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     model = GPT(cfg.model)
     opt = ManifoldMuon(_param_groups(model, cfg))
     ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
+    return momenta_of(opt)
+
+
+def random_token_momenta(spec: str, batch_size: int):
+    """``PRESET:ALLOCATION:STEPS``: that model after STEPS fast-mode steps on random tokens (as
+    ``manifold-muon bench`` sees it): early momenta at a preset's shapes, with no data or checkpoint."""
+    preset, allocation, steps = spec.split(":")
+    cfg = make_config(preset, {"batch_size": str(batch_size)})
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    opt = ManifoldMuon(resolve(model, allocation, mode="fast"))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(int(steps)):
+        x = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen)
+        model(x, x.roll(-1, dims=1))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return momenta_of(opt)
+
+
+def momenta_of(opt: ManifoldMuon):
     stacks = defaultdict(list)
     for group in opt.param_groups:
         if group["algorithm"] != "muon" or not get_manifold(group["manifold"]).has_dual:
@@ -98,7 +119,11 @@ def measure(w, g, manifold_name, caps) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories holding ckpt.pt")
+    ap.add_argument("runs", nargs="*", type=Path, help="run directories holding ckpt.pt")
+    ap.add_argument("--random-tokens", action="append", default=[], metavar="PRESET:ALLOCATION:STEPS",
+                    help="also measure a fresh model after STEPS steps on random tokens (repeatable)")
+    ap.add_argument("--batch-size", type=int, default=4, help="batch size of the --random-tokens steps")
+    ap.add_argument("--tag", default="", help="added to the JSON's name, e.g. to keep two sets of the same day")
     ap.add_argument("--caps", default="0,2,4,8,16,32,128", help="improved-solver iteration caps")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="auto", help="where to solve: auto (a GPU when present), cpu, cuda")
@@ -106,21 +131,31 @@ def main():
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     caps = [int(c) for c in args.caps.split(",") if c]
     torch.manual_seed(0)
-    table = []
+    if not args.runs and not args.random_tokens:
+        ap.error("give run directories, --random-tokens, or both")
+    sources = []
     for run in args.runs:
         if not (run / "ckpt.pt").is_file():
             sys.exit(f"error: {run} holds no ckpt.pt")
-        for (group, manifold, shape), (w, g) in load_momenta(run).items():
+        sources.append((run.name, lambda run=run: load_momenta(run)))
+    for spec in args.random_tokens:
+        if spec.count(":") != 2:
+            sys.exit(f"error: --random-tokens wants PRESET:ALLOCATION:STEPS, got {spec!r}")
+        sources.append((f"random:{spec}", lambda spec=spec: random_token_momenta(spec, args.batch_size)))
+    table = []
+    for label, momenta in sources:
+        for (group, manifold, shape), (w, g) in momenta().items():
             for row in measure(w.to(device), g.to(device), manifold, caps):
-                table.append({"run": run.name, "group": group, "manifold": manifold,
+                table.append({"run": label, "group": group, "manifold": manifold,
                               "shape": f"{len(w)}x{shape[0]}x{shape[1]}", **row})
-    head = f"{'run':24} {'group':9} {'manifold':8} {'stack':10} {'setting':18} {'align':>6} {'viol':>8} {'repaired':>8} {'of bound':>8} {'ms':>7}"
-    lines = [head] + [f"{r['run']:24} {r['group']:9} {r['manifold']:8} {r['shape']:10} {r['setting']:18} {r['alignment']:6.3f} "
+    head = f"{'run':28} {'group':9} {'manifold':8} {'stack':10} {'setting':18} {'align':>6} {'viol':>8} {'repaired':>8} {'of bound':>8} {'ms':>7}"
+    lines = [head] + [f"{r['run']:28} {r['group']:9} {r['manifold']:8} {r['shape']:10} {r['setting']:18} {r['alignment']:6.3f} "
                       f"{r['violation']:8.1e} {r['repaired']:8.3f} {r['of_bound']:8.3f} {r['ms']:7.1f}" for r in table]
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}_{device.type}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}{tag}_{device.type}.json"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": name,
                                 "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}, indent=1))
