@@ -1,0 +1,47 @@
+"""The benchmark scripts the GPU plan runs (scripts/gpu.sh) work end to end, at toy sizes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_direction_quality_on_random_token_momenta(tmp_path):
+    run_script("direction_quality.py", "--random-tokens", "tiny-cpu:hetero:2", "--caps", "0,2", "--device", "cpu",
+               "--out", str(tmp_path), "--tag", "smoke")
+    (path,) = tmp_path.glob("direction_quality_*_smoke_cpu.json")
+    rows = json.loads(path.read_text())["rows"]
+    settings = {r["setting"] for r in rows}
+    assert settings == {"paper (20 steps)", "fast (bf16)", "improved, cap 0", "improved, cap 2"}
+    assert {(r["group"], r["manifold"]) for r in rows} == {("attention", "stiefel"), ("mlp", "dgram")}
+    for r in rows:
+        if r["setting"] != "paper (20 steps)":
+            assert r["violation"] < 1e-6 and abs(r["repaired"] - r["alignment"]) < 5e-3, r
+        assert 0 < r["of_bound"] <= 1 + 1e-3, r   # a feasible direction cannot beat the certified dual bound
+
+
+def test_direction_quality_refuses_a_malformed_spec(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "direction_quality.py"), "--random-tokens",
+                           "tiny-cpu:hetero", "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "PRESET:ALLOCATION:STEPS" in done.stderr
+
+
+def test_fast_path_times_every_lever(tmp_path):
+    run_script("fast_path.py", "--d", "16", "--layers", "1", "--rounds", "1", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("fast_path_*_d16_cpu.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert set(rows) == {"stiefel", "dgram"}
+    for levers in rows.values():
+        assert len(levers) == 14 and all(v["ms"] > 0 for v in levers.values())
+        assert levers["muon msign: newton-schulz 5, bf16"]["vs_muon"] == 1.0
