@@ -61,7 +61,8 @@ The optimizer never writes to ``p.grad``.
 Health statistics: set ``opt.collect_stats = True`` before a step and ``opt.stats`` holds,
 per Muon-managed matrix (keyed by its name when the group has ``names``), the tangent
 violation of the warm start and of the final direction, the alignment
-``<G, A> / ||G||_*``, the momentum's spectral norm and the manifold residual after the step.
+``<G, A> / ||G||_*`` as returned and made feasible (``dual.repaired_alignment``), the
+momentum's spectral norm and the manifold residual after the step.
 It costs a few small eigendecompositions, so collect it every N steps, not every step.
 """
 from __future__ import annotations
