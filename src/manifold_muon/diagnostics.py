@@ -160,8 +160,7 @@ def summarize_health(stats: dict[str, dict]) -> dict[str, dict]:
         agg["n"] += 1
         agg["alignment_mean"] += (s["alignment"] - agg["alignment_mean"]) / agg["n"]
         agg["alignment_min"] = min(agg["alignment_min"], s["alignment"])
-        repaired = s.get("alignment_repaired", s["alignment"])   # logs written before it existed
-        agg["alignment_repaired_mean"] += (repaired - agg["alignment_repaired_mean"]) / agg["n"]
+        agg["alignment_repaired_mean"] += (s["alignment_repaired"] - agg["alignment_repaired_mean"]) / agg["n"]
         for k in ("violation_start", "violation_end", "residual", "momentum_norm"):
             agg[f"{k}_max"] = max(agg[f"{k}_max"], s[k])
     return out
