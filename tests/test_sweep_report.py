@@ -100,6 +100,9 @@ def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path)
     paper_attn, improved_attn = cells[6], cells[7]
     # the improved directions are tangent (violation ~1e-7), the paper's are not
     assert float(improved_attn.split("/")[1]) < 1e-5 < float(paper_attn.split("/")[1])
+    # "align (made feasible) / viol": feasible directions keep their alignment when made feasible
+    as_returned, feasible = (float(x) for x in improved_attn.split("/")[0].replace("(", " ").replace(")", " ").split())
+    assert abs(as_returned - feasible) < 5e-3
 
 
 def test_report_errors_are_clear(tmp_path):

@@ -50,9 +50,11 @@ def mechanism_curve(run_dir, key: str, reduce=max) -> Series | None:
 
 def health_curve(run_dir, group: str, key: str) -> Series | None:
     """An optimizer health statistic of a group (``alignment_mean``, ``violation_end_max``,
-    ``momentum_norm_max`` ...) over training; None where the group has no manifold."""
+    ``momentum_norm_max`` ...) over training; None where the group has no manifold or the run's
+    log lacks the statistic."""
     rows = [d for d in read_jsonl(run_dir / "diagnostics.jsonl")
-            if group in (d.get("health") or {}) and d["health"][group]["manifold"] not in ("none", None)]
+            if group in (d.get("health") or {}) and d["health"][group]["manifold"] not in ("none", None)
+            and key in d["health"][group]]   # runs logged before a statistic existed lack it
     if not rows:
         return None
     return np.array([d["iter"] for d in rows]), np.array([d["health"][group][key] for d in rows], dtype=float)
