@@ -23,11 +23,11 @@ from .config import make_config
 from .diagnostics import summarize_health
 from .model import GPT
 from .optim import ManifoldMuon, resolve
+from .optim.dual import DIRECTION_MODES
 
 __all__ = ["run_bench", "format_bench"]
 
 ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
-MODES = ("paper", "fast", "improved")
 
 
 def _configs(allocations, modes):
@@ -68,11 +68,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=MODES, rounds: int = 5, warmup: int = 2,
-              overrides: dict[str, str] | None = None, device: str = "auto") -> dict:
-    bad = [m for m in modes if m not in MODES]
+def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECTION_MODES, rounds: int = 5,
+              warmup: int = 2, overrides: dict[str, str] | None = None, device: str = "auto") -> dict:
+    bad = [m for m in modes if m not in DIRECTION_MODES]
     if bad:
-        raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(MODES)}")
+        raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(DIRECTION_MODES)}")
     cfg = make_config(preset, overrides or {})
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
