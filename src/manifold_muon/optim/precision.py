@@ -72,7 +72,10 @@ def library_matmul_precision():
     """The library's public functions use this (as a decorator, ``@library_matmul_precision()``):
     IEEE float32 matmuls, or the level of an enclosing :func:`float32_matmul_precision` block.
     The choice is read at each call, not when the function is defined."""
-    with float32_matmul_precision(_chosen.get() or "highest"):
+    if _chosen.get() is not None:   # inside a block, whose level is already set: nothing to do
+        yield
+        return
+    with float32_matmul_precision("highest"):
         yield
 
 
