@@ -32,7 +32,7 @@ from manifold_muon.optim import get_manifold, solve_direction
 from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimate  # _fast: the "before" row
 from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.optim.precision import float32_matmul_precision
-from manifold_muon.optim.msign import msign, msign_near_orthogonal
+from manifold_muon.optim.msign import msign
 
 
 def stacks(d: int, layers: int, manifold: str, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

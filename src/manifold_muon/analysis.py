@@ -85,15 +85,23 @@ def baseline(series: Series | None, start_iter: int) -> float | None:
     return float(series[1][series[0] >= start_iter][0])
 
 
-def first_crossing(series: Series | None, *, start_iter: int, factor: float, rising: bool) -> int | None:
-    """First iteration at or after ``start_iter`` where the value reaches ``factor`` times its
-    :func:`baseline` (``rising``) or falls to ``1/factor`` of it.  None if it never does (or
-    there is no data)."""
+def _from_baseline(series: Series | None, start_iter: int) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """``(baseline, iters, values)`` from ``start_iter`` on; None without a finite positive baseline."""
     base = baseline(series, start_iter)
     if base is None or not np.isfinite(base) or base <= 0:
         return None
     keep = series[0] >= start_iter
-    iters, values = series[0][keep], series[1][keep]
+    return base, series[0][keep], series[1][keep]
+
+
+def first_crossing(series: Series | None, *, start_iter: int, factor: float, rising: bool) -> int | None:
+    """First iteration at or after ``start_iter`` where the value reaches ``factor`` times its
+    :func:`baseline` (``rising``) or falls to ``1/factor`` of it.  None if it never does (or
+    there is no data)."""
+    found = _from_baseline(series, start_iter)
+    if found is None:
+        return None
+    base, iters, values = found
     hit = values >= factor * base if rising else values <= base / factor
     hit |= ~np.isfinite(values)  # a non-finite diagnostic has certainly crossed
     return int(iters[np.argmax(hit)]) if hit.any() else None
@@ -123,10 +131,11 @@ def causal_chain(run_dir, *, start_iter: int, divergence_iter: int | None, facto
 def peak_ratio(series: Series | None, *, start_iter: int, rising: bool) -> float | None:
     """How far the signal went from its :func:`baseline`: the largest ``value / baseline``
     (``rising``) or ``baseline / value`` after ``start_iter``, ignoring non-finite values."""
-    base = baseline(series, start_iter)
-    if base is None or not np.isfinite(base) or base <= 0:
+    found = _from_baseline(series, start_iter)
+    if found is None:
         return None
-    values = series[1][(series[0] >= start_iter) & np.isfinite(series[1])]
+    base, _, values = found
+    values = values[np.isfinite(values)]
     ratios = values / base if rising else base / np.maximum(values, np.finfo(float).tiny)
     return float(ratios.max()) if len(ratios) else None
 

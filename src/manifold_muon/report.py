@@ -146,6 +146,12 @@ def _chain_markdown(chains: list[tuple[dict, dict]]) -> str:
     return _markdown(rows, columns)
 
 
+def _per_run(out_dir: Path, runs: list[dict], group: str, key: str, reduce) -> list[float]:
+    """A health statistic of a group reduced over each run's training (runs without it skipped)."""
+    curves = [health_curve(out_dir / r["run"], group, key) for r in runs]
+    return [float(reduce(c[1])) for c in curves if c is not None]
+
+
 def mode_rows(out_dir, results: list[dict]) -> list[dict]:
     """Paper vs improved, per allocation: final val loss, stability, and the run-mean direction
     quality (alignment and max tangent violation) of the attention and MLP groups."""
@@ -159,11 +165,9 @@ def mode_rows(out_dir, results: list[dict]) -> list[dict]:
             row[f"{mode}_val"] = _mean_std([r["final_val_loss"] for r in runs]) if runs else "-"
             row[f"{mode}_result"] = _result_text(runs) if runs else "-"
             for group in ("attention", "mlp"):
-                def run_means(key, reduce=np.mean):
-                    curves = [health_curve(out_dir / r["run"], group, key) for r in runs]
-                    return [float(reduce(c[1])) for c in curves if c is not None]
-                align, viol = run_means("alignment_mean"), run_means("violation_end_max", np.max)
-                repaired = run_means("alignment_repaired_mean")
+                align = _per_run(out_dir, runs, group, "alignment_mean", np.mean)
+                viol = _per_run(out_dir, runs, group, "violation_end_max", np.max)
+                repaired = _per_run(out_dir, runs, group, "alignment_repaired_mean", np.mean)
                 feasible = f" ({np.mean(repaired):.3f})" if repaired else ""
                 row[f"{mode}_{group}"] = (f"{np.mean(align):.3f}{feasible} / {max(viol):.0e}" if align else "-")
         gap = seed_gap([r["final_val_loss"] for r in variants.get((alloc, "improved"), [])],
