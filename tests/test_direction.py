@@ -107,10 +107,13 @@ def test_paper_mode_reproduced_step_by_step_by_hand():
     for k in range(steps):
         a = _polar(g + 2 * w @ off((lam + lam.T) / 2))
         h = off(w.T @ a + a.T @ w)
+        if k == 0:   # the warm start's tangent violation RMS(P(sym(W^T A)))
+            first_violation = np.sqrt(np.mean((h / 2) ** 2))
         lam = lam - alpha * (1 - k / steps) * h
     ours = solve_direction(torch.tensor(w), torch.tensor(g), "dgram", mode="paper",
                            steps=steps, alpha=alpha, msign_method="svd")
     np.testing.assert_allclose(ours.direction.numpy(), a, atol=1e-12)
+    np.testing.assert_allclose(ours.violation_start.numpy(), first_violation, rtol=1e-10)
     assert ours.steps_taken == steps
     # and the wide orientation is the transposed problem
     wide = manifold_direction(torch.tensor(w.T), torch.tensor(g.T), "dgram", mode="paper",

@@ -178,8 +178,8 @@ def _paper(manifold, w, g, steps, alpha, tol, sign):
     for k in range(steps):
         a = sign(g + 2 * w @ project(sym(lam))).to(g.dtype)
         h = project(w.mT @ a + a.mT @ w)
-        if violation_start is None:
-            violation_start = manifold.tangent_violation(w, a)
+        if violation_start is None:   # h = 2 P(sym(W^T A)): the tangent violation, doubled
+            violation_start = 0.5 * _rms(h)
         taken = k + 1
         if h.pow(2).mean().sqrt() < tol:   # the reference's (batch-wide) absolute test
             break
