@@ -10,7 +10,7 @@
 #                                                   again with --matmul_precision=high for TF32
 #   bash scripts/gpu.sh levers                      benchmarks/fast_path.py at GPT-2 small's shapes
 #   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS]  gpt2-reduced runs, e.g. `sweep paper,improved 1`,
-#                                                   then `quality` on the runs it finished
+#                                                   then `quality` on every run with a checkpoint here
 #   bash scripts/gpu.sh quality [RUN_DIR ...]       issue 5's direction quality, per matrix group, on
 #                                                   the final momenta of runs (default: every
 #                                                   constrained run here with a checkpoint)
