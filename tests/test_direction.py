@@ -222,3 +222,17 @@ def test_lanczos_norm_estimate_is_a_tight_lower_bound(man, shape):
     clustered = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1),
                                             dtype=torch.float64))[0]   # all singular values 1: breakdown
     assert spectral_norm_estimate(3.0 * clustered) == pytest.approx(3.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("man", ["stiefel", "dgram"])
+def test_repaired_alignment_ignores_the_normal_part_and_the_length(man):
+    from manifold_muon.optim.dual import repaired_alignment
+    w, g = point_on(man, 48, 16, seed=4), momentum_like(48, 16, seed=4)
+    m = get_manifold(man)
+    tangent = m.tangent_project(w, msign(g, "svd"))
+    s = torch.randn(16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    normal = w @ m.project(s + s.mT)   # the normal space at W: W S, S symmetric with S = P(S)
+    expected = alignment(g, tangent / torch.linalg.matrix_norm(tangent, 2))
+    torch.testing.assert_close(repaired_alignment(m, w, g, 3.0 * tangent), expected, rtol=1e-10, atol=0)
+    assert (g * normal).sum().abs() > 1e-3   # the normal part would move the raw alignment
+    torch.testing.assert_close(repaired_alignment(m, w, g, tangent + 0.5 * normal), expected, rtol=1e-8, atol=0)
