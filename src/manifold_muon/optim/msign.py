@@ -32,7 +32,7 @@ import torch
 
 from .precision import matmul_eps
 
-__all__ = ["msign", "msign_near_orthogonal", "MSIGN_METHODS", "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
+__all__ = ["msign", "msign_near_orthogonal", "quintic_schedule", "MSIGN_METHODS", "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
 
 # Keller Jordan's quintic (a, b, c): maximal slope at zero, not convergent to 1.
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -64,6 +64,20 @@ def _polar_express_schedule(steps: int, safety: float) -> list[tuple[float, floa
     stable = [(a / safety, b / safety**3, c / safety**5) for a, b, c in POLAR_EXPRESS_COEFFS[:-1]]
     stable.append(POLAR_EXPRESS_COEFFS[-1])
     return [stable[min(i, len(stable) - 1)] for i in range(steps)]
+
+
+def quintic_schedule(method: str, steps: int | None = None) -> tuple[list[tuple[float, float, float]], float]:
+    """An iterative method's ``(a, b, c)`` per step and the factor on the Frobenius norm that
+    its input is divided by (Polar Express: 1.01, the safety factor; Newton-Schulz: 1).
+    Shared by :func:`msign` and the Gram-space form of the dual (``gram_dual.py``)."""
+    if method not in _DEFAULT_STEPS:
+        raise ValueError(f"no quintic schedule for msign method {method!r}; valid choices: {', '.join(_DEFAULT_STEPS)}")
+    steps = _DEFAULT_STEPS[method] if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"msign steps must be >= 1, got {steps}")
+    if method == "polar_express":
+        return _polar_express_schedule(steps, PE_SAFETY), PE_SAFETY
+    return [NEWTON_SCHULZ_COEFFS] * steps, 1.0
 
 
 def _odd_quintic_iterations(x: torch.Tensor, schedule) -> torch.Tensor:
@@ -111,9 +125,7 @@ def msign(
         raise ValueError(f"unknown msign method {method!r}; valid choices: {', '.join(MSIGN_METHODS)}")
     if method == "svd":
         return _svd_polar(X).to(X.dtype)
-    steps = _DEFAULT_STEPS[method] if steps is None else int(steps)
-    if steps < 1:
-        raise ValueError(f"msign steps must be >= 1, got {steps}")
+    schedule, safety = quintic_schedule(method, steps)
 
     out_dtype = X.dtype
     lead = X.shape[:-2]
@@ -123,13 +135,8 @@ def msign(
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation so the Gram x x^T is the small one
         x = x.mT
-    if method == "polar_express":
-        # Frobenius norm bounds the spectral norm; 1.01 keeps rounding inside the domain.
-        x = x / (x.norm(dim=(-2, -1), keepdim=True) * PE_SAFETY + eps)
-        schedule = _polar_express_schedule(steps, PE_SAFETY)
-    else:
-        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-        schedule = [NEWTON_SCHULZ_COEFFS] * steps
+    # Frobenius norm bounds the spectral norm; Polar Express's 1.01 keeps rounding inside the domain.
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * safety + eps)
     x = _odd_quintic_iterations(x.contiguous(), schedule)
     if tall:
         x = x.mT
