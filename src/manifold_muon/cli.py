@@ -13,8 +13,8 @@ Overrides are --key=value for any config field, e.g.
   manifold-muon train --preset tiny-cpu --allocation hetero --max_iters=300 --n_layer=4
 Model fields: arch n_layer n_head n_embd block_size vocab_size dropout bias.
 Training fields: data_dir out_dir mode seed batch_size grad_accum max_iters warmup_iters
-lr_decay_iters adamw_lr min_lr muon_lr weight_decay muon_momentum dual_steps msign_steps
-msign_dtype matmul_precision grad_clip
+lr_decay_iters adamw_lr min_lr muon_lr weight_decay muon_momentum dual_steps dual_form
+msign_steps msign_dtype matmul_precision grad_clip
 eval_interval eval_iters ckpt_interval tensorboard quiet device compile max_nonfinite.
 A run directory that holds ckpt.pt is resumed. Under torchrun the same command trains on
 every rank (DDP; nccl on GPUs, gloo on CPUs).

@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.1         # where the allocation decays (2D AdamW, unconstrained Muon)
     muon_momentum: float = 0.95
     dual_steps: int = -1              # improved solver's iteration cap; -1: its default (paper mode: always 20)
+    dual_form: str = "matrix"         # improved solver's dual: matrix (m x n msign) | gram (n x n, float64)
     msign_steps: int = 0              # msign iterations; 0: the default (Polar Express: 10; fast mode's direction: 7)
     msign_dtype: str = ""             # bfloat16 | float32; "": the default (float32 for improved mode's dual, else bf16)
     matmul_precision: str = "highest" # optimizer's float32 matmuls: highest (IEEE) | high | medium (TF32 on GPUs)
@@ -62,7 +63,7 @@ class TrainConfig:
     def numerics_options(self) -> dict:
         """The optimizer's numerics as param-group keys (None: the optimizer's default)."""
         return {"msign_steps": self.msign_steps or None, "msign_dtype": self.msign_dtype or None,
-                "matmul_precision": self.matmul_precision}
+                "matmul_precision": self.matmul_precision, "dual_form": self.dual_form}
 
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.preset}/{self.allocation}-s{self.seed}"

@@ -25,6 +25,8 @@ Three modes:
       the paper's only where ``k = 1`` (Stiefel, Oblique);
     - the dual is minimised by L-BFGS with per-matrix Armijo backtracking (up to
       ``steps`` iterations; ``alpha`` is the first step before curvature is known);
+    - the dual is evaluated with an ``m x n`` msign, or in ``n x n`` Gram space in float64
+      (``dual_form``; :mod:`nuclear_dual`);
     - it starts from the better (lower dual value) of the exact warm start and a carried
       multiplier (``dual_init``, e.g. the previous optimizer step's);
     - square Stiefel therefore runs no dual steps: ``msign`` of the projected gradient is
@@ -58,10 +60,12 @@ from functools import partial
 import torch
 
 from .manifolds import Manifold, as_tall, get_manifold, sym
-from .msign import msign, work_dtype
+from .msign import msign, quintic_schedule, work_dtype
+from .nuclear_dual import GramDual, MatrixDual, batch_dot
 from .precision import library_matmul_precision
 
-__all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "default_msign_dtype",
+__all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "DUAL_FORMS",
+           "default_msign_dtype", "check_dual_form",
            "alignment", "repaired_alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
 
 DIRECTION_MODES = ("paper", "fast", "improved")   # the reference, then by cost
@@ -73,6 +77,20 @@ FAST_DEFAULTS = dict(IMPROVED_DEFAULTS, steps=0)
 # was within 3e-4 of 10 steps or better (bf16 rounding grows over the extra steps), and
 # 30% of the msign cheaper.  5 steps lost 0.004-0.1.
 FAST_MSIGN_STEPS = 7
+# Where the improved solver evaluates its dual (nuclear_dual.py): on the m x n matrix, or in
+# n x n Gram space in float64 (opt-in until a GPU measures it: it pays only where float64
+# matmuls run near float32's speed, as on H100 tensor cores; on this project's CPU it did not).
+DUAL_FORMS = ("matrix", "gram")
+
+
+def check_dual_form(form: str, msign_method: str) -> None:
+    """Refuse a dual form that does not exist, or the Gram form without a quintic iteration to
+    mirror (``msign_method="svd"``)."""
+    if form not in DUAL_FORMS:
+        raise ValueError(f"unknown dual form {form!r}; valid choices: {', '.join(DUAL_FORMS)}")
+    if form == "gram" and msign_method == "svd":
+        raise ValueError("dual_form='gram' mirrors an iterative msign; msign_method='svd' has none "
+                         "(valid with it: polar_express, newton_schulz)")
 
 
 def default_msign_dtype(mode: str, work: torch.dtype = torch.float32, *, has_dual: bool = True) -> torch.dtype:
@@ -164,11 +182,11 @@ def repaired_alignment(manifold: Manifold, w: torch.Tensor, g: torch.Tensor, a: 
     return alignment(g, a / spectral_norm(a).clamp(min=1e-30)[..., None, None])
 
 
-def _scaled_violation(manifold: Manifold, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Scale-free tangent violation: ``RMS(H_ij / (d_i + d_j))``, ``d`` the column norms of tall W."""
-    d = w.norm(dim=-2)
-    h = manifold.project(w.mT @ a + a.mT @ w)
-    return _rms(h / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp(min=1e-30))
+def _scaled_violation(column_norms: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Scale-free tangent violation ``RMS(H_ij / (d_i + d_j))`` of the candidate whose dual
+    gradient is ``grad`` (``H = P(W^T A + A^T W) = 2 grad``), ``d`` the column norms of tall W."""
+    d = column_norms
+    return _rms(2 * grad / (d.unsqueeze(-1) + d.unsqueeze(-2)).clamp(min=1e-30))
 
 
 def _paper(manifold, w, g, steps, alpha, tol, sign):
@@ -190,44 +208,23 @@ def _paper(manifold, w, g, steps, alpha, tol, sign):
     return a, lam, taken, violation_start
 
 
-def _bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-matrix Frobenius inner product, shaped to broadcast against the stack."""
-    return (x * y).sum(dim=(-2, -1), keepdim=True)
-
-
-class _NuclearDual:
-    """The dual ``f(S) = ||G + W S||_*`` over symmetric ``S = P(S)``, with its gradient.
-
-    ``f(S) = <X, msign(X)>`` and ``grad f(S) = P(sym(W^T msign(X)))``, so one msign gives
-    the value, the gradient and the primal candidate ``A = msign(X)``.
-    """
-
-    def __init__(self, manifold, w, g, sign):
-        self.manifold, self.w, self.g, self.sign = manifold, w, g, sign
-        self.evaluations = 0
-
-    def __call__(self, s):
-        x = self.g + self.w @ s
-        a = self.sign(x).to(x.dtype)
-        self.evaluations += 1
-        return _bdot(x, a), self.manifold.project(sym(self.w.mT @ a)), a
-
-
-def _lbfgs_direction(dual: _NuclearDual, starts, steps, alpha, tol, history=10, backtracks=8):
+def _lbfgs_direction(dual, starts, steps, alpha, tol, history=10, backtracks=8):
     """Minimise the nuclear-norm dual by L-BFGS with per-matrix Armijo backtracking.
 
     Why not the paper's annealed gradient steps: at the optimum ``X`` typically has
     singular values ~1e-3 of its largest, msign's sensitivity is ~1/sigma, and a
     fixed step either crawls or oscillates.  Curvature pairs adapt the step per
     direction.  Every scalar is per matrix, so a stack is solved as independent problems.
+    ``dual`` is either form of :mod:`nuclear_dual`; its candidate (``A``, or the Gram form's
+    ``Q``) becomes the direction through ``dual.primal`` once, at the end.
     """
-    manifold, w = dual.manifold, dual.w
-    s, (f, grad, a) = starts[0], dual(starts[0])
+    column_norms = dual.w.norm(dim=-2)
+    s, (f, grad, cand) = starts[0], dual(starts[0])
     for other in starts[1:]:  # per matrix, start from the candidate with the lowest dual value
-        f2, g2, a2 = dual(other)
+        f2, g2, cand2 = dual(other)
         better = f2 < f
-        s, f, grad, a = (torch.where(better, other, s), torch.where(better, f2, f),
-                         torch.where(better, g2, grad), torch.where(better, a2, a))
+        s, f, grad, cand = (torch.where(better, other, s), torch.where(better, f2, f),
+                            torch.where(better, g2, grad), torch.where(better, cand2, cand))
     violation_start = _rms(grad)   # grad is P(sym(W^T A)): the tangent violation of A
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     gamma = torch.full_like(f, alpha)
@@ -235,42 +232,42 @@ def _lbfgs_direction(dual: _NuclearDual, starts, steps, alpha, tol, history=10, 
     for _ in range(steps):
         # A matrix that meets the tolerance is frozen, so each matrix's answer is the same
         # whatever else shares its stack (what lets ranks split a stack; see distributed.py).
-        active = (_scaled_violation(manifold, w, a) >= tol)[..., None, None]
+        active = (_scaled_violation(column_norms, grad) >= tol)[..., None, None]
         if not bool(active.any()):
             break
         taken += 1
         q, coeffs = grad.clone(), []
         for sk, yk, rho in reversed(pairs):  # L-BFGS two-loop recursion
-            c = rho * _bdot(sk, q)
+            c = rho * batch_dot(sk, q)
             coeffs.append(c)
             q = q - c * yk
         q = gamma * q
         for (sk, yk, rho), c in zip(pairs, reversed(coeffs)):
-            q = q + sk * (c - rho * _bdot(yk, q))
+            q = q + sk * (c - rho * batch_dot(yk, q))
         d = -q
-        slope = _bdot(grad, d)
+        slope = batch_dot(grad, d)
         t = torch.ones_like(f)
         accepted = ~active
-        s_new, f_new, g_new, a_new = s, f, grad, a
+        s_new, f_new, g_new, cand_new = s, f, grad, cand
         for _ in range(backtracks):
             s_try = s + t * d
-            f_try, g_try, a_try = dual(s_try)
+            f_try, g_try, cand_try = dual(s_try)
             ok = (f_try <= f + 1e-4 * t * slope) & ~accepted
             s_new, f_new = torch.where(ok, s_try, s_new), torch.where(ok, f_try, f_new)
-            g_new, a_new = torch.where(ok, g_try, g_new), torch.where(ok, a_try, a_new)
+            g_new, cand_new = torch.where(ok, g_try, g_new), torch.where(ok, cand_try, cand_new)
             accepted |= ok
             if bool(accepted.all()):
                 break
             t = torch.where(accepted, t, 0.5 * t)
         sk, yk = s_new - s, g_new - grad
-        sy = _bdot(sk, yk)
-        valid = active & (sy > 1e-12 * _bdot(sk, sk).clamp(min=1e-30))
+        sy = batch_dot(sk, yk)
+        valid = active & (sy > 1e-12 * batch_dot(sk, sk).clamp(min=1e-30))
         rho = torch.where(valid, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
         pairs.append((torch.where(valid, sk, 0.0), torch.where(valid, yk, 0.0), rho))
         pairs = pairs[-history:]
-        gamma = torch.where(valid, sy / _bdot(yk, yk).clamp(min=1e-30), gamma)
-        s, f, grad, a = s_new, f_new, g_new, a_new
-    return a, grad, s, taken, violation_start
+        gamma = torch.where(valid, sy / batch_dot(yk, yk).clamp(min=1e-30), gamma)
+        s, f, grad, cand = s_new, f_new, g_new, cand_new
+    return dual.primal(s, cand), grad, s, taken, violation_start
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +304,8 @@ def _fast(manifold, w, g, sign, low):
     return _repair(manifold, w, a, violation, estimate_norm=True), _rms(violation)
 
 
-def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init):
+def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, gram_schedule):
+    """``gram_schedule``: the msign's ``(schedule, safety)`` to solve in Gram space, else None."""
     g = _normalised(g)
     # The exact tangent projection of G (X0 = G - W S0 is tangent) is always a candidate start:
     # for square Stiefel it attains the dual bound, so the early stop returns it with no steps,
@@ -315,8 +313,8 @@ def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init):
     starts = [-manifold.normal_coefficients(w, g)]
     if dual_init is not None:
         starts.append(manifold.project(sym(dual_init.to(g.dtype))))
-    a, violation, s, taken, violation_start = _lbfgs_direction(_NuclearDual(manifold, w, g, sign),
-                                                               starts, steps, alpha, tol)
+    dual = GramDual(manifold, w, g, *gram_schedule) if gram_schedule else MatrixDual(manifold, w, g, sign)
+    a, violation, s, taken, violation_start = _lbfgs_direction(dual, starts, steps, alpha, tol)
     return _repair(manifold, w, a, violation, estimate_norm=False), s, taken, violation_start
 
 
@@ -335,6 +333,7 @@ def solve_direction(
     msign_steps: int | None = None,
     dtype: torch.dtype | None = None,
     dual_init: torch.Tensor | None = None,
+    dual_form: str = "matrix",
 ) -> DirectionResult:
     """Solve for the Manifold Muon direction and report how well it was solved.
 
@@ -344,11 +343,14 @@ def solve_direction(
     :func:`default_msign_dtype`; ``msign_steps`` default: the method's, except fast mode's
     Polar Express, ``FAST_MSIGN_STEPS``).  ``dual_init`` warm-starts the
     multiplier (improved mode, tall ``n x n``), e.g. with the previous step's ``dual``.
+    ``dual_form`` (improved mode; see ``DUAL_FORMS``) evaluates the dual with an ``m x n``
+    msign or in ``n x n`` Gram space in float64 (:mod:`nuclear_dual`).
     """
     if mode not in DIRECTION_MODES:
         raise ValueError(f"unknown direction mode {mode!r}; valid choices: {', '.join(DIRECTION_MODES)}")
     if W.shape != G.shape:
         raise ValueError(f"W and G must have the same shape, got {tuple(W.shape)} and {tuple(G.shape)}")
+    check_dual_form(dual_form, msign_method)
     manifold = get_manifold(manifold)
     defaults = {"paper": PAPER_DEFAULTS, "improved": IMPROVED_DEFAULTS, "fast": FAST_DEFAULTS}[mode]
     steps = defaults["steps"] if steps is None else int(steps)
@@ -374,7 +376,8 @@ def solve_direction(
     elif mode == "fast":
         (a, v0), lam, taken = _fast(manifold, w, g, sign, dtype), None, 0
     else:
-        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, sign, dual_init)
+        schedule = quintic_schedule(msign_method, msign_steps) if dual_form == "gram" else None
+        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, schedule)
     return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold)
 
 

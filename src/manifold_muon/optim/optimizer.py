@@ -18,6 +18,9 @@ key                 meaning
 ``dual_steps``,     direction-solver settings (``None``: the mode's default,
 ``dual_alpha``,     see :mod:`manifold_muon.optim.dual`)
 ``dual_tol``
+``dual_form``       improved mode's dual evaluations: ``"matrix"`` (an ``m x n`` msign, the
+                    default) or ``"gram"`` (``n x n`` work in float64; see
+                    :mod:`manifold_muon.optim.nuclear_dual` for where it pays)
 ``carry_dual``      improved mode: warm-start the dual multiplier from the previous step
                     (default True; momentum moves slowly, so the solve restarts close
                     to its optimum and stops early; the multiplier is saved in the state)
@@ -74,7 +77,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .distributed import gather_slices, owned_indices, world
-from .dual import DIRECTION_MODES, alignment, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
+from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
 from .precision import MATMUL_PRECISIONS, float32_matmul_precision
@@ -87,7 +90,7 @@ _ADJUST_LR = (None, "original", "match_rms_adamw")
 
 DEFAULTS = dict(
     algorithm="muon", manifold="none", lr=None, weight_decay=None, momentum=0.95, nesterov=True,
-    mode="improved", dual_steps=None, dual_alpha=None, dual_tol=None, carry_dual=True,
+    mode="improved", dual_steps=None, dual_alpha=None, dual_tol=None, dual_form="matrix", carry_dual=True,
     msign_method="polar_express", msign_steps=None, msign_dtype=None, matmul_precision="highest",
     adjust_lr=None, betas=(0.9, 0.95), eps=1e-8, transposed=False,
 )
@@ -164,6 +167,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         _check_choice("msign method", group["msign_method"], MSIGN_METHODS)
         _check_choice("msign dtype", group["msign_dtype"], (None, *_DTYPES))
         _check_choice("matmul precision", group["matmul_precision"], MATMUL_PRECISIONS)
+        check_dual_form(group["dual_form"], group["msign_method"])
         steps = group["msign_steps"]
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"msign_steps must be a positive integer or None (the method's default), got {steps!r}")
@@ -269,6 +273,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 dual_init = torch.stack([st["dual"] for st in states]) if carry and "dual" in states[0] else None
                 result = solve_direction(w, g, manifold, mode=group["mode"], steps=group["dual_steps"],
                                          alpha=group["dual_alpha"], tol=group["dual_tol"], dual_init=dual_init,
+                                         dual_form=group["dual_form"],
                                          msign_method=group["msign_method"], msign_steps=group["msign_steps"],
                                          dtype=_msign_dtype(group))
                 a = result.direction
