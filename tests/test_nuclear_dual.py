@@ -1,10 +1,11 @@
-"""The two forms of the improved solver's dual: matrix and Gram space."""
+"""The two forms of the improved solver's dual (matrix and Gram space) and its step control."""
 from functools import partial
 
 import pytest
 import torch
 
 from manifold_muon import get_manifold, solve_direction
+from manifold_muon.optim.dual import alignment
 from manifold_muon.optim.manifolds import sym
 from manifold_muon.optim.msign import msign, quintic_schedule
 from manifold_muon.optim.nuclear_dual import GramDual, MatrixDual, polar_inverse_root
@@ -50,6 +51,28 @@ def test_dual_form_choices_are_checked():
         solve_direction(w, g, "stiefel", dual_form="gramm")
     with pytest.raises(ValueError, match="msign_method='svd'"):
         solve_direction(w, g, "stiefel", dual_form="gram", msign_method="svd")
+
+
+def test_dgram_solve_is_invariant_to_the_scale_of_w():
+    # W and c W have the same tangent space, so the same direction.  The first L-BFGS step is
+    # scaled by the columns' length; with a fixed first step, 30 W failed every line search and
+    # returned its warm start (0.82 alignment where 0.97 was reachable, at 8x the evaluations).
+    w, g = point_on("dgram", 192, 48, seed=7).float(), momentum_like(192, 48, seed=7).float()
+    base = solve_direction(w, g, "dgram", steps=32)
+    for c in (30.0, 0.03):
+        scaled = solve_direction(c * w, g, "dgram", steps=32)
+        torch.testing.assert_close(scaled.direction, base.direction, atol=2e-3 * base.direction.abs().max().item(), rtol=0)
+
+
+def test_a_first_step_far_too_long_is_recovered_from():
+    # alpha is only the first step; 1e4 fails its whole line search.  Without curvature pairs
+    # the solver used to repeat that search until its cap; now it retries from below it.
+    w, g = point_on("dgram", 96, 24, seed=8).float(), momentum_like(96, 24, seed=8).float()
+    good = alignment(g, solve_direction(w, g, "dgram", steps=48).direction)
+    warm = alignment(g, solve_direction(w, g, "dgram", steps=0).direction)
+    far = alignment(g, solve_direction(w, g, "dgram", steps=48, alpha=1e4).direction)
+    assert good > warm + 0.01            # there is something to recover
+    assert far >= good - 0.005
 
 
 def test_optimizer_group_key_dual_form_gives_the_same_steps_as_the_matrix_form(monkeypatch):

@@ -24,7 +24,8 @@ Three modes:
       ``S_ij = (W^T G + G^T W)_ij / (k_i + k_j)``, ``k = diag(W^T W)``; this equals
       the paper's only where ``k = 1`` (Stiefel, Oblique);
     - the dual is minimised by L-BFGS with per-matrix Armijo backtracking (up to
-      ``steps`` iterations; ``alpha`` is the first step before curvature is known);
+      ``steps`` iterations; the first step, before curvature is known, is ``alpha`` over the
+      mean squared column norm of W, so a DGram matrix's solve does not depend on its scale);
     - the dual is evaluated with an ``m x n`` msign, or in ``n x n`` Gram space in float64
       (``dual_form``; :mod:`nuclear_dual`);
     - it starts from the better (lower dual value) of the exact warm start and a carried
@@ -227,7 +228,10 @@ def _lbfgs_direction(dual, starts, steps, alpha, tol, history=10, backtracks=8):
                             torch.where(better, g2, grad), torch.where(better, cand2, cand))
     violation_start = _rms(grad)   # grad is P(sym(W^T A)): the tangent violation of A
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    gamma = torch.full_like(f, alpha)
+    # The dual's curvature in S scales with W^T W (G is normalised), so the first step is
+    # alpha over the mean squared column norm: alpha for unit columns (Stiefel), and the same
+    # relative step for DGram columns of any length.
+    gamma = alpha / column_norms.pow(2).mean(-1).clamp(min=1e-30)[..., None, None]
     taken = 0
     for _ in range(steps):
         # A matrix that meets the tolerance is frozen, so each matrix's answer is the same
@@ -259,6 +263,12 @@ def _lbfgs_direction(dual, starts, steps, alpha, tol, history=10, backtracks=8):
             if bool(accepted.all()):
                 break
             t = torch.where(accepted, t, 0.5 * t)
+        # A failed search with no curvature pairs to age out (plain gradient steps) would be
+        # repeated exactly; it is retried from below the smallest step it tried instead.
+        failed = active & ~accepted
+        if pairs:
+            failed = failed & (sum((rp > 0).int() for _, _, rp in pairs) == 0)
+        gamma = torch.where(failed, gamma * t, gamma)
         sk, yk = s_new - s, g_new - grad
         sy = batch_dot(sk, yk)
         valid = active & (sy > 1e-12 * batch_dot(sk, sk).clamp(min=1e-30))
