@@ -8,6 +8,10 @@ batches them, it times side by side (interleaved rounds, medians):
   steps in float32 (our improved mode's) and bf16 (paper and fast mode's), and 7 steps;
 * the retraction: Polar Express 10 steps (before) vs ``msign_near_orthogonal`` (now);
 * the repair's spectral norm: eigendecomposition (improved mode) vs 16 Lanczos steps (fast);
+* one evaluation of the improved solver's dual (its unit of work, ~1-8 per L-BFGS iteration):
+  the matrix form (an ``m x n`` float32 msign) vs the Gram form (``n x n``, float64, and float32,
+  which is too inaccurate to use: ``optim/nuclear_dual.py``), with the Gram form's once-per-solve
+  set-up (``W^T W``, ``W^T G``, ``G^T G``) left out;
 * fast mode's whole direction (``solve_direction(mode="fast")``) with a float32 msign, with a
   bf16 msign of 10 steps fed by a float32 warm start (before) and the default (a bf16 warm
   start and 7 steps), and
@@ -32,7 +36,8 @@ from manifold_muon.optim import get_manifold, solve_direction
 from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimate  # _fast: the "before" row
 from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.optim.precision import float32_matmul_precision
-from manifold_muon.optim.msign import msign
+from manifold_muon.optim.msign import msign, quintic_schedule
+from manifold_muon.optim.nuclear_dual import GramDual, MatrixDual
 
 
 def stacks(d: int, layers: int, manifold: str, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -61,6 +66,9 @@ def levers(manifold: str):
         "retraction: near-orthogonal (now)": lambda w, g, x: man.retract(x),
         "norm: eigendecomposition": lambda w, g, x: spectral_norm(g),
         "norm: lanczos 16": lambda w, g, x: spectral_norm_estimate(g),
+        "dual evaluation: matrix form, fp32 msign": lambda w, g, x: dual_evaluation(man, w, g, "matrix"),
+        "dual evaluation: gram form, fp64": lambda w, g, x: dual_evaluation(man, w, g, "gram64"),
+        "dual evaluation: gram form, fp32 (inaccurate)": lambda w, g, x: dual_evaluation(man, w, g, "gram32"),
         "fast direction, fp32": lambda w, g, x: solve_direction(w, g, man, mode="fast", dtype=torch.float32),
         "fast direction, bf16, fp32 warm start, 10 steps (before)": lambda w, g, x: _fast(
             man, as_tall(w)[0], as_tall(g)[0], partial(msign, dtype=bf16), torch.float32),
@@ -71,6 +79,23 @@ def levers(manifold: str):
         "fast direction + retraction, matmuls 'high'": lambda w, g, x: lowered(fast_step, "high", man, w, g),
         "fast direction + retraction, matmuls 'medium'": lambda w, g, x: lowered(fast_step, "medium", man, w, g),
     }
+
+
+_DUALS: dict = {}   # (stack, form) -> (dual, start): built once, outside the timed evaluations
+
+
+def dual_evaluation(man, w, g, form):
+    key = (id(w), form)
+    if key not in _DUALS:
+        wt, gt = as_tall(w)[0], as_tall(g)[0]
+        if form == "matrix":
+            dual = MatrixDual(man, wt, gt, partial(msign, dtype=torch.float32))
+        else:
+            dual = GramDual(man, wt, gt, *quintic_schedule("polar_express"),
+                            dtype=torch.float64 if form == "gram64" else torch.float32)
+        _DUALS[key] = (dual, -man.normal_coefficients(wt, gt))
+    dual, start = _DUALS[key]
+    return dual(start)
 
 
 def fast_step(man, w, g):

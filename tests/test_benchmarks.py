@@ -43,5 +43,5 @@ def test_fast_path_times_every_lever(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert set(rows) == {"stiefel", "dgram"}
     for levers in rows.values():
-        assert len(levers) == 14 and all(v["ms"] > 0 for v in levers.values())
+        assert len(levers) == 17 and all(v["ms"] > 0 for v in levers.values())
         assert levers["muon msign: newton-schulz 5, bf16"]["vs_muon"] == 1.0
