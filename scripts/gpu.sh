@@ -9,7 +9,8 @@
 #   bash scripts/gpu.sh bench [OVERRIDES]           issue 5's table: GPT-2 small, 65,536 tokens/step;
 #                                                   again with --matmul_precision=high for TF32
 #   bash scripts/gpu.sh levers                      benchmarks/fast_path.py at GPT-2 small's shapes
-#   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS]  gpt2-reduced runs, e.g. `sweep paper,improved 1`,
+#   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS] [OVERRIDES]  gpt2-reduced runs, e.g.
+#                                                   `sweep paper,improved 1` or `sweep improved 1 hetero --dual_steps=8`,
 #                                                   then `quality` on every run with a checkpoint here
 #   bash scripts/gpu.sh quality [RUN_DIR ...]       issue 5's direction quality, per matrix group, on
 #                                                   the final momenta of runs (default: every
@@ -69,8 +70,9 @@ case "$stage" in
     ;;
   bench)
     setup_device
-    # The improved solver's cap is lowered so that the table fits one call (128 would take minutes).
-    "$PYTHON" -m manifold_muon bench --preset gpt2-small --rounds 5 --out "$OUT" --dual_steps=32 "$@"
+    # The improved solver's cap is gpt2-reduced's (16), so that the table fits one call (128 would
+    # take minutes) and its improved rows price the sweep's improved runs.
+    "$PYTHON" -m manifold_muon bench --preset gpt2-small --rounds 5 --out "$OUT" --dual_steps=16 "$@"
     ;;
   levers)
     setup_device
@@ -80,9 +82,12 @@ case "$stage" in
     setup_device
     modes="${1:?sweep needs MODES, e.g. paper,improved}"
     seeds="${2:?sweep needs SEEDS, e.g. 1,2}"
-    allocs="${3:-unconstrained,all-stiefel,all-dgram,hetero,hetero-inv}"
+    shift 2
+    allocs="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv"
+    if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then allocs="$1"; shift; fi
+    # what is left: config overrides for every run, e.g. --dual_steps=8
     timeout "$BUDGET_S" "$PYTHON" -m manifold_muon sweep --preset gpt2-reduced --modes "$modes" --seeds "$seeds" \
-      --allocations "$allocs" --out "$RESULTS" --quiet || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
+      --allocations "$allocs" --out "$RESULTS" --quiet "$@" || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
     pack_results
     direction_quality
     ;;
@@ -96,7 +101,7 @@ case "$stage" in
     pack_results
     ;;
   *)
-    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] | quality [RUN_DIR ...] | report" >&2
+    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] [--key=value ...] | quality [RUN_DIR ...] | report" >&2
     exit 2
     ;;
 esac
