@@ -113,6 +113,7 @@ def sync(device):
 
 
 def run(d: int, layers: int, manifold: str, rounds: int, device) -> dict:
+    _DUALS.clear()   # keyed by id(): a freed stack's id may come back for the next manifold's
     data = stacks(d, layers, manifold, device)
     fns = levers(manifold)
     times = {name: [] for name in fns}

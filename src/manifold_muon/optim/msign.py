@@ -69,7 +69,7 @@ def _polar_express_schedule(steps: int, safety: float) -> list[tuple[float, floa
 def quintic_schedule(method: str, steps: int | None = None) -> tuple[list[tuple[float, float, float]], float]:
     """An iterative method's ``(a, b, c)`` per step and the factor on the Frobenius norm that
     its input is divided by (Polar Express: 1.01, the safety factor; Newton-Schulz: 1).
-    Shared by :func:`msign` and the Gram-space form of the dual (``gram_dual.py``)."""
+    Shared by :func:`msign` and the Gram-space form of the dual (``nuclear_dual.py``)."""
     if method not in _DEFAULT_STEPS:
         raise ValueError(f"no quintic schedule for msign method {method!r}; valid choices: {', '.join(_DEFAULT_STEPS)}")
     steps = _DEFAULT_STEPS[method] if steps is None else int(steps)
@@ -136,7 +136,9 @@ def msign(
     if tall:  # iterate on the wide orientation so the Gram x x^T is the small one
         x = x.mT
     # Frobenius norm bounds the spectral norm; Polar Express's 1.01 keeps rounding inside the domain.
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * safety + eps)
+    # Each method's guard as its source has it: the reference's "+ eps", torch.optim.Muon's clamp.
+    norm = x.norm(dim=(-2, -1), keepdim=True)
+    x = x / (norm * safety + eps if method == "polar_express" else norm.clamp(min=eps))
     x = _odd_quintic_iterations(x.contiguous(), schedule)
     if tall:
         x = x.mT
