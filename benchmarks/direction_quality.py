@@ -13,6 +13,7 @@ group's matrices:
   rescale to spectral norm 1), the fair comparison for an infeasible paper-mode direction;
 * ``of_bound``: alignment / the smallest dual value found (a certified upper bound), so 1.0
   means provably optimal;
+* ``evaluations``: the improved solver's dual evaluations (msigns), its unit of cost;
 * ``ms``: wall time of the solve for the whole group (relative only; ``--device`` picks where,
   default a GPU when present).
 
@@ -108,7 +109,8 @@ def measure(w, g, manifold_name, caps) -> list[dict]:
             bounds.append(dual_value(w, g, r.dual))
         rows.append({"setting": names.get(mode, f"improved, cap {cap}"), "ms": ms,
                      "alignment": alignment(g, r.direction), "violation": manifold.tangent_violation(w, r.direction),
-                     "repaired": repaired_alignment(manifold, w, g, r.direction), "iterations": r.steps_taken})
+                     "repaired": repaired_alignment(manifold, w, g, r.direction), "iterations": r.steps_taken,
+                     "evaluations": r.evaluations})
     bound = torch.stack(bounds).min(dim=0).values
     for row in rows:
         row["of_bound"] = statistics.mean((row["repaired"] / bound).tolist())

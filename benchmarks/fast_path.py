@@ -91,7 +91,7 @@ def dual_evaluation(man, w, g, form):
         if form == "matrix":
             dual = MatrixDual(man, wt, gt, partial(msign, dtype=torch.float32))
         else:
-            dual = GramDual(man, wt, gt, *quintic_schedule("polar_express"),
+            dual = GramDual(man, wt, gt, quintic_schedule("polar_express"),
                             dtype=torch.float64 if form == "gram64" else torch.float32)
         _DUALS[key] = (dual, -man.normal_coefficients(wt, gt))
     dual, start = _DUALS[key]

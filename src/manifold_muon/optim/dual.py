@@ -113,6 +113,7 @@ class DirectionResult:
     violation_start: torch.Tensor    # tangent violation RMS(P(sym(W^T A))) of the warm start's A
     weight: torch.Tensor | None = None    # W as passed (a reference, not a copy), for violation_end
     manifold: Manifold | None = None
+    evaluations: int = 0             # improved mode: dual evaluations (msigns), the solve's unit of cost
 
     @property
     def violation_end(self) -> torch.Tensor:
@@ -315,7 +316,7 @@ def _fast(manifold, w, g, sign, low):
 
 
 def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, gram_schedule):
-    """``gram_schedule``: the msign's ``(schedule, safety)`` to solve in Gram space, else None."""
+    """``gram_schedule``: the msign's ``QuinticSchedule`` to solve in Gram space, else None."""
     g = _normalised(g)
     # The exact tangent projection of G (X0 = G - W S0 is tangent) is always a candidate start:
     # for square Stiefel it attains the dual bound, so the early stop returns it with no steps,
@@ -323,9 +324,9 @@ def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, gram_schedule)
     starts = [-manifold.normal_coefficients(w, g)]
     if dual_init is not None:
         starts.append(manifold.project(sym(dual_init.to(g.dtype))))
-    dual = GramDual(manifold, w, g, *gram_schedule) if gram_schedule else MatrixDual(manifold, w, g, sign)
+    dual = GramDual(manifold, w, g, gram_schedule) if gram_schedule else MatrixDual(manifold, w, g, sign)
     a, violation, s, taken, violation_start = _lbfgs_direction(dual, starts, steps, alpha, tol)
-    return _repair(manifold, w, a, violation, estimate_norm=False), s, taken, violation_start
+    return _repair(manifold, w, a, violation, estimate_norm=False), s, taken, violation_start, dual.evaluations
 
 
 @torch.no_grad()
@@ -387,7 +388,8 @@ def solve_direction(
         (a, v0), lam, taken = _fast(manifold, w, g, sign, dtype), None, 0
     else:
         schedule = quintic_schedule(msign_method, msign_steps) if dual_form == "gram" else None
-        a, lam, taken, v0 = _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, schedule)
+        a, lam, taken, v0, evaluations = _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, schedule)
+        return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold, evaluations)
     return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold)
 
 

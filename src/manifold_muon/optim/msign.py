@@ -28,11 +28,13 @@ within 1% up to condition number 1e3; in bf16 within 3% up to 1e2 and 5-20% at
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .precision import matmul_eps
 
-__all__ = ["msign", "msign_near_orthogonal", "quintic_schedule", "MSIGN_METHODS", "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
+__all__ = ["msign", "msign_near_orthogonal", "quintic_schedule", "QuinticSchedule", "MSIGN_METHODS", "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
 
 # Keller Jordan's quintic (a, b, c): maximal slope at zero, not convergent to 1.
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -66,9 +68,22 @@ def _polar_express_schedule(steps: int, safety: float) -> list[tuple[float, floa
     return [stable[min(i, len(stable) - 1)] for i in range(steps)]
 
 
-def quintic_schedule(method: str, steps: int | None = None) -> tuple[list[tuple[float, float, float]], float]:
-    """An iterative method's ``(a, b, c)`` per step and the factor on the Frobenius norm that
-    its input is divided by (Polar Express: 1.01, the safety factor; Newton-Schulz: 1).
+class QuinticSchedule(NamedTuple):
+    """An iterative msign: its ``(a, b, c)`` per step and how its input is normalised."""
+
+    coefficients: list[tuple[float, float, float]]
+    safety: float            # the Frobenius norm is multiplied by this (Polar Express: 1.01)
+    additive_guard: bool     # divide by ``norm * safety + eps`` (the reference) or ``max(norm, eps)`` (torch's Muon)
+
+    def normaliser(self, frobenius_norm: torch.Tensor, eps: float) -> torch.Tensor:
+        """What the input is divided by, each method's guard against a zero input as its source has it."""
+        if self.additive_guard:
+            return frobenius_norm * self.safety + eps
+        return (frobenius_norm * self.safety).clamp(min=eps)
+
+
+def quintic_schedule(method: str, steps: int | None = None) -> QuinticSchedule:
+    """The iteration of an iterative ``method`` with ``steps`` steps (None: its default).
     Shared by :func:`msign` and the Gram-space form of the dual (``nuclear_dual.py``)."""
     if method not in _DEFAULT_STEPS:
         raise ValueError(f"no quintic schedule for msign method {method!r}; valid choices: {', '.join(_DEFAULT_STEPS)}")
@@ -76,8 +91,8 @@ def quintic_schedule(method: str, steps: int | None = None) -> tuple[list[tuple[
     if steps < 1:
         raise ValueError(f"msign steps must be >= 1, got {steps}")
     if method == "polar_express":
-        return _polar_express_schedule(steps, PE_SAFETY), PE_SAFETY
-    return [NEWTON_SCHULZ_COEFFS] * steps, 1.0
+        return QuinticSchedule(_polar_express_schedule(steps, PE_SAFETY), PE_SAFETY, additive_guard=True)
+    return QuinticSchedule([NEWTON_SCHULZ_COEFFS] * steps, 1.0, additive_guard=False)
 
 
 def _odd_quintic_iterations(x: torch.Tensor, schedule) -> torch.Tensor:
@@ -125,7 +140,7 @@ def msign(
         raise ValueError(f"unknown msign method {method!r}; valid choices: {', '.join(MSIGN_METHODS)}")
     if method == "svd":
         return _svd_polar(X).to(X.dtype)
-    schedule, safety = quintic_schedule(method, steps)
+    schedule = quintic_schedule(method, steps)
 
     out_dtype = X.dtype
     lead = X.shape[:-2]
@@ -136,10 +151,8 @@ def msign(
     if tall:  # iterate on the wide orientation so the Gram x x^T is the small one
         x = x.mT
     # Frobenius norm bounds the spectral norm; Polar Express's 1.01 keeps rounding inside the domain.
-    # Each method's guard as its source has it: the reference's "+ eps", torch.optim.Muon's clamp.
-    norm = x.norm(dim=(-2, -1), keepdim=True)
-    x = x / (norm * safety + eps if method == "polar_express" else norm.clamp(min=eps))
-    x = _odd_quintic_iterations(x.contiguous(), schedule)
+    x = x / schedule.normaliser(x.norm(dim=(-2, -1), keepdim=True), eps)
+    x = _odd_quintic_iterations(x.contiguous(), schedule.coefficients)
     if tall:
         x = x.mT
     return x.reshape(*lead, *x.shape[-2:]).to(out_dtype)

@@ -57,23 +57,26 @@ class MatrixDual:
         return candidate
 
 
-def polar_inverse_root(m: torch.Tensor, schedule, safety: float, eps: float = 1e-7) -> torch.Tensor:
+def polar_inverse_root(m: torch.Tensor, schedule, eps: float = 1e-7) -> torch.Tensor:
     """``Q`` such that ``X Q`` is the quintic iteration's msign of any ``X`` with ``X^T X = m``.
 
-    The iteration ``A <- A (a I + b Y + c Y^2)``, ``Y = A^T A``, started at ``A = X / s`` with
-    ``s = safety ||X||_F = safety sqrt(tr M)`` (as :func:`msign.msign` normalises), keeps
+    ``schedule`` is a ``msign.QuinticSchedule``.  Its iteration ``A <- A (a I + b Y + c Y^2)``,
+    ``Y = A^T A``, started at ``A = X / s`` with ``s`` from ``||X||_F = sqrt(tr M)`` (as
+    :func:`msign.msign` normalises), keeps
     ``A = X Q``, so it runs on ``Q`` alone: ``Q <- Q P``.  ``Y`` is recomputed as
     ``Q^T M Q`` (the iterate's own Gram, as the matrix form recomputes ``A^T A``) rather than
     updated as ``P Y P``, so rounding in ``Q`` does not drift away from ``Y``.
     """
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-    scale = m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=0).sqrt()[..., None, None] * safety + eps
+    frobenius = m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=0).sqrt()[..., None, None]
+    scale = schedule.normaliser(frobenius, eps)
     q = eye / scale
     y = m / scale**2
-    for step, (a, b, c) in enumerate(schedule):
+    steps = schedule.coefficients
+    for step, (a, b, c) in enumerate(steps):
         p = c * (y @ y) + b * y + a * eye
         q = q @ p
-        if step + 1 < len(schedule):
+        if step + 1 < len(steps):
             y = q.mT @ m @ q
     return q
 
@@ -81,13 +84,13 @@ def polar_inverse_root(m: torch.Tensor, schedule, safety: float, eps: float = 1e
 class GramDual:
     """``f``, its gradient and ``A`` from ``n x n`` work only, in float64 (see the module docstring).
 
-    ``schedule`` and ``safety`` are the msign's (``msign.quintic_schedule``).  The candidate
+    ``schedule`` is the msign's (``msign.quintic_schedule``).  The candidate
     is ``Q``; :meth:`primal` turns the final one into ``A = (G + W S) Q``.  Values and
     gradients come back in ``w``'s dtype, as the L-BFGS works in it."""
 
-    def __init__(self, manifold, w, g, schedule, safety: float, dtype: torch.dtype = torch.float64):
+    def __init__(self, manifold, w, g, schedule, dtype: torch.dtype = torch.float64):
         self.manifold, self.w, self.g, self.dtype = manifold, w, g, dtype
-        self.schedule, self.safety = schedule, safety
+        self.schedule = schedule
         wd, gd = w.to(dtype), g.to(dtype)
         self.k, self.c, self.d = wd.mT @ wd, wd.mT @ gd, gd.mT @ gd
         self.evaluations = 0
@@ -97,7 +100,7 @@ class GramDual:
         ks = self.k @ s
         cts = self.c.mT @ s
         m = self.d + cts + cts.mT + s @ ks
-        q = polar_inverse_root(m, self.schedule, self.safety)
+        q = polar_inverse_root(m, self.schedule)
         self.evaluations += 1
         value = batch_dot(m, q.mT)   # tr(M Q) = <X, X Q>
         grad = self.manifold.project(sym((self.c + ks) @ q))
