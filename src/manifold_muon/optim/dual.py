@@ -382,6 +382,7 @@ def solve_direction(
 
     w, wide = as_tall(W.to(work))
     g = (G.mT if wide else G).to(work)
+    evaluations = 0
     if mode == "paper":
         a, lam, taken, v0 = _paper(manifold, w, g, steps, alpha, tol, sign)
     elif mode == "fast":
@@ -389,8 +390,7 @@ def solve_direction(
     else:
         schedule = quintic_schedule(msign_method, msign_steps) if dual_form == "gram" else None
         a, lam, taken, v0, evaluations = _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, schedule)
-        return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold, evaluations)
-    return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold)
+    return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold, evaluations)
 
 
 def manifold_direction(W, G, manifold, *, mode: str = "improved", steps=None, alpha=None, tol=None,
