@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from manifold_muon.bench import synchronize
 from manifold_muon.config import config_from_dict, make_config
 from manifold_muon.diagnostics import module_group
 from manifold_muon.model import GPT
@@ -89,21 +90,16 @@ def dual_value(w, g, s) -> torch.Tensor:
     return singular_values(g + w @ (s * scale), torch.float64).sum(-1) / nuclear
 
 
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(w, g, manifold_name, caps) -> list[dict]:
     manifold = get_manifold(manifold_name)
     rows, bounds = [], []
     settings = [("paper", None), ("fast", None)] + [("improved", c) for c in caps]
     names = {"paper": "paper (20 steps)", "fast": "fast (bf16)"}
     for mode, cap in settings:
-        sync(w.device)
+        synchronize(w.device)
         t0 = time.perf_counter()
         r = solve_direction(w, g, manifold, mode=mode, steps=cap)
-        sync(w.device)
+        synchronize(w.device)
         ms = (time.perf_counter() - t0) * 1e3
         if mode == "improved":
             bounds.append(dual_value(w, g, r.dual))

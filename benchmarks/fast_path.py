@@ -32,6 +32,7 @@ import torch
 
 from functools import partial
 
+from manifold_muon.bench import synchronize
 from manifold_muon.optim import get_manifold, solve_direction
 from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimate  # _fast: the "before" row
 from manifold_muon.optim.manifolds import as_tall
@@ -107,11 +108,6 @@ def lowered(fn, level, *args):
         return fn(*args)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(d: int, layers: int, manifold: str, rounds: int, device) -> dict:
     _DUALS.clear()   # keyed by id(): a freed stack's id may come back for the next manifold's
     data = stacks(d, layers, manifold, device)
@@ -119,11 +115,11 @@ def run(d: int, layers: int, manifold: str, rounds: int, device) -> dict:
     times = {name: [] for name in fns}
     for r in range(rounds + 1):  # round 0 warms up
         for name, fn in fns.items():
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for w, g, x in data:
                 fn(w, g, x)
-            sync(device)
+            synchronize(device)
             if r:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     base = statistics.median(times["muon msign: newton-schulz 5, bf16"])

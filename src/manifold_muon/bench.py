@@ -25,7 +25,7 @@ from .model import GPT
 from .optim import ManifoldMuon, resolve
 from .optim.dual import DIRECTION_MODES
 
-__all__ = ["run_bench", "format_bench"]
+__all__ = ["run_bench", "format_bench", "synchronize"]
 
 ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
 
@@ -63,7 +63,9 @@ class _TorchMuon:
             o.zero_grad(set_to_none=set_to_none)
 
 
-def _sync(device):
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work, so a wall-clock timer measures it (a no-op on CPUs).
+    The benchmark scripts time with it too."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -91,15 +93,15 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         setups.append({"label": label, "model": model, "opt": opt, "fb": [], "opt_ms": []})
 
     def one_step(s, timed):
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         with autocast:
             _, loss = s["model"](x, y)
         loss.backward()
-        _sync(dev)
+        synchronize(dev)
         t1 = time.perf_counter()
         s["opt"].step()
-        _sync(dev)
+        synchronize(dev)
         t2 = time.perf_counter()
         s["opt"].zero_grad(set_to_none=True)
         if timed:
