@@ -8,14 +8,22 @@ import sys
 from .optim.allocation import PRESETS
 from .optim.dual import DIRECTION_MODES
 
-EPILOG_TRAIN = """
-Overrides are --key=value for any config field, e.g.
-  manifold-muon train --preset tiny-cpu --allocation hetero --max_iters=300 --n_layer=4
-Model fields: arch n_layer n_head n_embd block_size vocab_size dropout bias.
-Training fields: data_dir out_dir mode seed batch_size grad_accum max_iters warmup_iters
-lr_decay_iters adamw_lr min_lr muon_lr weight_decay muon_momentum dual_steps dual_form
-msign_steps msign_dtype matmul_precision grad_clip
-eval_interval eval_iters ckpt_interval tensorboard quiet device compile max_nonfinite.
+def _train_epilog() -> str:
+    """The override help, listing the config's own fields so that it cannot go stale."""
+    import dataclasses
+    import textwrap
+
+    from .config import TrainConfig
+    from .model import ModelConfig
+    skipped = {"model", "preset", "allocation", "inject_nonfinite_at", "fail_at_iter"}  # options / test hooks
+    model = " ".join(f.name for f in dataclasses.fields(ModelConfig))
+    train = " ".join(f.name for f in dataclasses.fields(TrainConfig) if f.name not in skipped)
+    return f"""
+Overrides are --key=value (or --key value) for any config field; a bare --flag sets a
+true/false field to true. E.g.
+  manifold-muon train --preset tiny-cpu --allocation hetero --max_iters=300 --n_layer=4 --mode=fast
+{textwrap.fill("Model fields: " + model + ".", 95)}
+{textwrap.fill("Training fields: " + train + ".", 95)}
 A run directory that holds ckpt.pt is resumed. Under torchrun the same command trains on
 every rank (DDP; nccl on GPUs, gloo on CPUs).
 """
@@ -27,11 +35,22 @@ PRESET_HELP = ("gpt2-small (the paper: 124M, 65k tokens/step, 50k steps), gpt2-r
 
 
 def _split_overrides(extra: list[str]) -> dict[str, str]:
-    out = {}
-    for item in extra:
-        if not item.startswith("--") or "=" not in item:
+    """``--key=value`` or ``--key value``; a bare ``--flag`` means ``--flag=true``, as argparse's
+    own flags do (a non-boolean key given no value is refused by the config's typing)."""
+    out, i = {}, 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--") or item == "--":
             raise SystemExit(f"error: expected --key=value, got {item!r}")
-        key, value = item[2:].split("=", 1)
+        if "=" in item:
+            key, value = item[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            key, value = item[2:], extra[i + 1]
+            i += 2
+        else:
+            key, value = item[2:], "true"
+            i += 1
         out[key.replace("-", "_")] = value
     return out
 
@@ -115,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, help="share of documents held out (default 0.05; openwebtext 0.0005)")
     p.add_argument("--dataset", default="Skylion007/openwebtext", help="for `openwebtext`: the HF dataset name")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    t = sub.add_parser("train", help="train one run (resumes a run dir that holds ckpt.pt)", epilog=EPILOG_TRAIN,
+    t = sub.add_parser("train", help="train one run (resumes a run dir that holds ckpt.pt)", epilog=_train_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train GPT-2 (or the Llama variant) with one allocation.")
     t.add_argument("--preset", default="tiny-cpu", help="config preset: " + PRESET_HELP)

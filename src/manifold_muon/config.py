@@ -119,9 +119,13 @@ def _coerce(value: str, annotation):
         if value.lower() in ("0", "false", "no"):
             return False
         raise ValueError(f"expected true/false, got {value!r}")
-    if hint is tuple:
-        return tuple(int(v) for v in value.split(",") if v)
-    return hint(value)
+    try:
+        if hint is tuple:
+            return tuple(int(v) for v in value.split(",") if v)
+        return hint(value)
+    except ValueError:
+        kind = {tuple: "comma-separated integers", int: "an integer", float: "a number"}.get(hint, hint.__name__)
+        raise ValueError(f"expected {kind}, got {value!r}") from None
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
