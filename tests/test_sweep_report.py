@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from manifold_muon.compare import build_comparison, compare_rows
 from manifold_muon.report import build_report
 from manifold_muon.runio import read_jsonl
 from manifold_muon.sweep import run_sweep
@@ -110,3 +111,31 @@ def test_report_errors_are_clear(tmp_path):
         build_report(tmp_path / "nope")
     with pytest.raises(ValueError, match="no finished run"):
         build_report(tmp_path)
+
+
+def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, tmp_path):  # noqa: F811
+    sweeps = [tmp_path / "lr-low", tmp_path / "lr-high"]
+    for sweep, lr in zip(sweeps, (0.02, 0.3)):  # diag_interval differs too, but only logs: not a treatment
+        run_sweep("tiny-cpu", ["unconstrained", "all-dgram"], [1, 2], sweep, quiet=True,
+                  overrides=overrides(data_dir, muon_lr=lr, diag_interval=2 if lr > 0.1 else 4))
+    path = build_comparison(sweeps, tmp_path / "cmp")
+    settings, labels, rows = compare_rows(sweeps)
+    assert settings == ["muon_lr"] and labels == ["muon_lr=0.02", "muon_lr=0.3"]
+    dgram = next(r for r in rows if r["allocation"] == "all-dgram")
+    for sweep, entry in zip(sweeps, dgram["sweeps"]):
+        runs = [sweep / f"all-dgram-s{s}" for s in (1, 2)]
+        finals = [json.loads((run / "summary.json").read_text())["final_val_loss"] for run in runs]
+        assert entry["final_val_loss"] == pytest.approx(np.mean(finals)) and entry["seeds"] == 2
+        entropy = [min(min(m["entropy"] for m in d["mechanics"]) for d in read_jsonl(run / "diagnostics.jsonl"))
+                   for run in runs]
+        assert entry["entropy"] == pytest.approx(np.mean(entropy))
+    assert dgram["sweeps"][1]["sigma_max"] > dgram["sweeps"][0]["sigma_max"]  # DGram columns grow faster at 15x
+    text = path.read_text()
+    assert "differ in `muon_lr`" in text and "| all-dgram | improved | " in text and "](fig_compare.png)" in text
+    assert (path.parent / "fig_compare.png").read_bytes()[:4] == b"\x89PNG"
+    with open(path.parent / "compare.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4  # 2 allocations x 2 sweeps
+    with pytest.raises(ValueError, match="two or more sweep directories, got 1"):
+        build_comparison(sweeps[:1], tmp_path / "cmp")
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        build_comparison([sweeps[0], tmp_path / "nope"], tmp_path / "cmp")

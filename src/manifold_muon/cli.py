@@ -1,4 +1,4 @@
-"""``manifold-muon prepare | train | sweep | report | bench`` (also ``python -m manifold_muon``)."""
+"""``manifold-muon prepare | train | sweep | report | compare | bench`` (also ``python -m manifold_muon``)."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,13 @@ def _report(args) -> None:
     print(f"report: {path}")
 
 
+def _compare(args) -> None:
+    from .compare import build_comparison
+    path = build_comparison(args.dirs, args.out)
+    print(path.read_text().split("\n\n")[2])
+    print(f"comparison: {path}")
+
+
 def _bench(args, extra) -> None:
     from .bench import format_bench, run_bench, save_bench
     result = run_bench(args.preset, allocations=_csv(args.allocations), modes=_csv(args.modes), rounds=args.rounds,
@@ -157,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="Table 1, figures and report.md from a sweep directory",
                        description="Write DIR/report/{report.md,table1.md,table1.csv,fig*.png}.")
     r.add_argument("dir", help="a sweep directory (holds <allocation>-s<seed>/ runs)")
+    c = sub.add_parser("compare", help="sweeps that differ in one setting (e.g. muon_lr), side by side",
+                       description="Per allocation and mode, each sweep's final val loss, verdict and mechanism "
+                                   "peaks (attention sigma_max, logit, entropy), with the settings that differ "
+                                   "between the sweeps named. Writes OUT/{compare.md,compare.csv,fig_compare.png}.")
+    c.add_argument("dirs", nargs="+", help="two or more sweep directories, in the order to show them")
+    c.add_argument("--out", required=True, help="folder for the comparison")
     b = sub.add_parser("bench", help="optimizer and whole-step time of AdamW, torch Muon, our Muon and Manifold Muon",
                        description="Time every optimizer configuration side by side (interleaved rounds) on the "
                                    "present device; print a table with ratios to AdamW and direction quality, "
@@ -173,21 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    with_overrides = {"train": _train, "sweep": _sweep, "bench": _bench}
+    if extra and args.command not in with_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command == "prepare":
-            if extra:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            _prepare(args)
-        elif args.command == "train":
-            _train(args, extra)
-        elif args.command == "sweep":
-            _sweep(args, extra)
-        elif args.command == "bench":
-            _bench(args, extra)
+        if args.command in with_overrides:
+            with_overrides[args.command](args, extra)
         else:
-            if extra:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            _report(args)
+            {"prepare": _prepare, "report": _report, "compare": _compare}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

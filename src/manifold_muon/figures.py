@@ -11,7 +11,7 @@ import numpy as np
 from .analysis import (CHAIN, CHAIN_LABELS, CHAIN_SIGNALS, baseline, health_curve, mechanism_curve, sigma_max_curve,
                        val_curve)
 
-__all__ = ["make_figures", "plot_causal_chains"]
+__all__ = ["make_figures", "plot_causal_chains", "plot_comparison"]
 
 STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
 
@@ -134,4 +134,28 @@ def plot_causal_chains(out_dir: Path, chains: list[tuple[dict, dict]], path: Pat
     for ax in list(axes.flat)[len(chains):]:
         ax.axis("off")
     fig.suptitle("Causal chain: sigma_max growth -> logit inflation -> entropy collapse -> Jacobian collapse -> divergence")
+    return _save(fig, path)
+
+
+def plot_comparison(labels: list[str], rows: list[dict], path: Path) -> str:
+    """Sweeps side by side (:func:`manifold_muon.compare.compare_rows`): final val loss, peak
+    attention sigma_max and lowest attention entropy of each (allocation, mode) per sweep."""
+    plt = _plt()
+    panels = [("final_val_loss", "final val loss", False), ("sigma_max", "peak attention sigma_max", True),
+              ("entropy", "lowest attention entropy (nats)", True)]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    allocations = list(dict.fromkeys(r["allocation"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    x = np.arange(len(labels))
+    for ax, (key, title, log) in zip(axes, panels):
+        for r in rows:
+            y = np.array([np.nan if e is None or e[key] is None else e[key] for e in r["sweeps"]], dtype=float)
+            ax.plot(x, y, color=f"C{allocations.index(r['allocation']) % 10}", marker="o",
+                    ls=STYLES[modes.index(r["mode"]) % len(STYLES)], label=f"{r['allocation']} [{r['mode']}]")
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     return _save(fig, path)

@@ -61,14 +61,16 @@ def verdict_for(run_dir: Path) -> dict:
     return {"stable": v.stable, "criterion": v.criterion, "criterion_iter": v.iteration, "verdict": v.describe()}
 
 
-def collect_results(out_dir) -> list[dict]:
-    """One row per finished run (summary + verdict), written to ``results.jsonl``."""
+def collect_results(out_dir, *, write: bool = True) -> list[dict]:
+    """One row per finished run (summary + verdict), written to ``results.jsonl`` if ``write``
+    (readers of a sweep that may still be running pass False)."""
     out_dir = Path(out_dir)
     rows = []
     for run_dir in sorted(p for p in out_dir.iterdir() if (p / "summary.json").is_file()):
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append({"run": run_dir.name, **summary, **verdict_for(run_dir)})
-    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if write:
+        (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 

@@ -1,0 +1,155 @@
+"""``manifold-muon compare DIR DIR ...``: sweeps that differ in one setting (say the Muon
+learning rate), side by side.  Per (allocation, mode) and sweep: the final val loss, the
+classifier's verdict, and how far the paper's mechanism went (peak attention sigma_max, peak
+attention logit, lowest attention entropy), as a table and as curves against the setting.
+
+Everything is read back from the runs' own files, so sweeps made at different times compare."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import mechanism_curve, sigma_max_curve
+from .config import config_from_dict, config_to_dict
+from .optim.dual import DIRECTION_MODES
+from .sweep import OPERATIONAL, collect_results
+
+__all__ = ["run_config", "differing_settings", "mechanism_peaks", "compare_rows", "build_comparison"]
+
+#: Settings that name, log or operate a run without changing its training (the seed and the
+#: variant are the rows, not the treatment).
+NOT_A_TREATMENT = OPERATIONAL | {"out_dir", "seed", "allocation", "mode", "diag_interval", "eval_interval",
+                                 "eval_iters", "inject_nonfinite_at"}
+
+
+def run_config(run_dir: Path) -> dict:
+    """A run's config as one flat namespace (model fields beside training fields, as overrides
+    are); fields its version of the package did not have yet take today's defaults."""
+    cfg = config_to_dict(config_from_dict(json.loads((Path(run_dir) / "config.json").read_text())))
+    return {**cfg.pop("model"), **cfg}
+
+
+def differing_settings(configs: list[dict]) -> list[str]:
+    """The training settings whose values differ between the given configs, in config order."""
+    keys = dict.fromkeys(k for c in configs for k in c if k not in NOT_A_TREATMENT)
+    return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+
+def mechanism_peaks(run_dir: Path) -> dict:
+    """How far one run went along the paper's mechanism: the largest attention sigma_max, the
+    largest attention logit (max over layers) and the lowest attention entropy (min over layers)."""
+    def extreme(series, pick):
+        if series is None:
+            return None
+        finite = series[1][np.isfinite(series[1])]
+        return float(pick(finite)) if len(finite) else None
+    return {"sigma_max": extreme(sigma_max_curve(run_dir, "attention"), np.max),
+            "logit": extreme(mechanism_curve(run_dir, "logit_max_abs", max), np.max),
+            "entropy": extreme(mechanism_curve(run_dir, "entropy", min), np.min)}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return statistics.mean(values) if values else None
+
+
+def _sweep_label(settings: list[str], config: dict, sweep_dir: Path) -> str:
+    return ", ".join(f"{k}={config[k]}" for k in settings) or sweep_dir.name
+
+
+def _variant_order(sweep_dirs: list[Path]):
+    """Sort key: allocations in the sweeps' own order (their ``sweep.json``), then modes as
+    :data:`DIRECTION_MODES` lists them."""
+    specs = [json.loads((d / "sweep.json").read_text()) for d in sweep_dirs if (d / "sweep.json").is_file()]
+    rank = {a: i for i, a in enumerate(dict.fromkeys(a for spec in specs for a in spec["allocations"]))}
+    return lambda v: (rank.get(v[0], len(rank)), v[0], DIRECTION_MODES.index(v[1]) if v[1] in DIRECTION_MODES else 0)
+
+
+def compare_rows(sweep_dirs: list[Path]) -> tuple[list[str], list[str], list[dict]]:
+    """``(settings, labels, rows)``: the settings that differ between the sweeps, one label per
+    sweep, and one row per (allocation, mode) with, per sweep, the seed-mean final val loss,
+    the number of unstable seeds and the seed-mean mechanism peaks (None where a sweep lacks the
+    variant)."""
+    results = [collect_results(d, write=False) for d in sweep_dirs]
+    for d, res in zip(sweep_dirs, results):
+        if not res:
+            raise ValueError(f"{d} holds no finished run (no */summary.json); run `manifold-muon sweep` first")
+    configs = [run_config(d / res[0]["run"]) for d, res in zip(sweep_dirs, results)]
+    settings = differing_settings(configs)
+    labels = [_sweep_label(settings, c, d) for c, d in zip(configs, sweep_dirs)]
+    variants = sorted(dict.fromkeys((r["allocation"], r.get("mode", "improved")) for res in results for r in res),
+                      key=_variant_order(sweep_dirs))
+    rows = []
+    for alloc, mode in variants:
+        row = {"allocation": alloc, "mode": mode, "sweeps": []}
+        for d, res in zip(sweep_dirs, results):
+            runs = [r for r in res if r["allocation"] == alloc and r.get("mode", "improved") == mode]
+            peaks = [mechanism_peaks(d / r["run"]) for r in runs]
+            row["sweeps"].append(None if not runs else {
+                "seeds": len(runs), "unstable": sum(not r["stable"] for r in runs),
+                "final_val_loss": _mean([r["final_val_loss"] for r in runs]),
+                **{k: _mean([p[k] for p in peaks]) for k in ("sigma_max", "logit", "entropy")}})
+        rows.append(row)
+    return settings, labels, rows
+
+
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    loss = "-" if entry["final_val_loss"] is None else f"{entry['final_val_loss']:.3f}"
+    flag = f", {entry['unstable']}/{entry['seeds']} unstable" if entry["unstable"] else ""
+    peaks = "/".join("-" if entry[k] is None else f"{entry[k]:.3g}" for k in ("sigma_max", "logit", "entropy"))
+    return f"{loss}{flag} ({peaks})"
+
+
+def _markdown(labels: list[str], rows: list[dict]) -> str:
+    head = "| Allocation | Mode | " + " | ".join(labels) + " |\n|" + "---|" * (len(labels) + 2) + "\n"
+    return head + "".join(f"| {r['allocation']} | {r['mode']} | " + " | ".join(_cell(e) for e in r["sweeps"])
+                          + " |\n" for r in rows)
+
+
+def _write_csv(path: Path, labels: list[str], rows: list[dict]) -> None:
+    keys = ("seeds", "unstable", "final_val_loss", "sigma_max", "logit", "entropy")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["allocation", "mode", "sweep", *keys])
+        for r in rows:
+            for label, entry in zip(labels, r["sweeps"]):
+                if entry is not None:
+                    writer.writerow([r["allocation"], r["mode"], label, *(entry[k] for k in keys)])
+
+
+def build_comparison(sweep_dirs, out_dir) -> Path:
+    """Write ``compare.md``, ``compare.csv`` and ``fig_compare.png`` into ``out_dir``."""
+    sweep_dirs = [Path(d) for d in sweep_dirs]
+    if len(sweep_dirs) < 2:
+        raise ValueError(f"compare needs two or more sweep directories, got {len(sweep_dirs)}")
+    for d in sweep_dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"sweep directory {d} does not exist")
+    settings, labels, rows = compare_rows(sweep_dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(out_dir / "compare.csv", labels, rows)
+    from .figures import plot_comparison
+    fig = plot_comparison(labels, rows, out_dir / "fig_compare.png")
+    differ = (f"The sweeps differ in {', '.join(f'`{k}`' for k in settings)}; every other training setting is the same."
+              if settings else "The sweeps' training settings are identical; columns are named by directory.")
+    text = f"""# Comparison: {', '.join(d.name for d in sweep_dirs)}
+
+{differ} Each cell is the final val loss (mean over seeds; how many seeds the classifier of
+`manifold_muon.stability` called unstable), then in parentheses the run's largest attention
+sigma_max / largest attention logit |z| / lowest attention entropy (nats), each the mean over
+seeds of the run's extreme.
+
+{_markdown(labels, rows)}
+![Comparison]({fig})
+
+Sweeps: {', '.join(f'`{d}`' for d in sweep_dirs)}. Data: [compare.csv](compare.csv).
+"""
+    (out_dir / "compare.md").write_text(text)
+    return out_dir / "compare.md"
