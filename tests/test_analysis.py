@@ -22,15 +22,16 @@ def test_first_crossing_is_measured_from_the_baseline_after_start():
     assert first_crossing(rising, start_iter=1000, factor=2.0, rising=True) is None
 
 
-def _synthetic_run(run_dir, *, sigma_at, logit_at, entropy_at, jacobian_at, nonfinite_at=None):
-    """A run directory whose diagnostics step from baseline to 3x (or 1/3) at the given iterations."""
+def _synthetic_run(run_dir, *, sigma_at, logit_at, entropy_at, jacobian_at, nonfinite_at=None, sigma_growth=3.0):
+    """A run directory whose diagnostics step from baseline to 3x (or 1/3; sigma_max to
+    ``sigma_growth`` x) at the given iterations."""
     run_dir.mkdir()
     iters = list(range(0, 200, 10))
     w = {"transformer.h.0.attn.c_attn.weight": torch.eye(12, 4)}
     rec = SpectralRecorder(run_dir, w)
     with open(run_dir / "diagnostics.jsonl", "w") as f:
         for it in iters:
-            rec.record(it, {k: v * (3.0 if it >= sigma_at else 1.0) for k, v in w.items()})
+            rec.record(it, {k: v * (sigma_growth if it >= sigma_at else 1.0) for k, v in w.items()})
             mech = {"layer": 0, "logit_max_abs": 3.0 if it >= logit_at else 1.0,
                     "entropy": 1 / 3 if it >= entropy_at else 1.0, "jacobian_fro": 1 / 3 if it >= jacobian_at else 1.0}
             f.write(json.dumps({"iter": it, "mechanics": [mech, {**mech, "layer": 1}], "health": {}}) + "\n")
@@ -53,6 +54,12 @@ def test_causal_chain_finds_each_onset_and_checks_the_order(tmp_path):
     chain = causal_chain(backwards, start_iter=20, divergence_iter=divergence_iter(backwards, {"stable": True}))
     assert chain["onsets"]["entropy"] is None and chain["onsets"]["divergence"] is None
     assert chain["reached"] == 2 and not chain["in_order"]  # logits inflated before sigma_max grew
+
+    # sigma_max x1.5 (x2.25 on the logit bound): an onset; x1.3 (x1.69) is not
+    onset = _synthetic_run(tmp_path / "c", sigma_at=40, logit_at=60, entropy_at=1000, jacobian_at=1000, sigma_growth=1.5)
+    assert causal_chain(onset, start_iter=20, divergence_iter=None)["onsets"]["sigma_max"] == 40
+    short = _synthetic_run(tmp_path / "d", sigma_at=40, logit_at=60, entropy_at=1000, jacobian_at=1000, sigma_growth=1.3)
+    assert causal_chain(short, start_iter=20, divergence_iter=None)["onsets"]["sigma_max"] is None
 
 
 def test_seed_gap_compares_the_gap_with_the_spread():

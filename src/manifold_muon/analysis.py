@@ -65,9 +65,15 @@ def health_curve(run_dir, group: str, key: str) -> Series | None:
 #: The chain the paper proposes: spectral growth -> logit inflation -> entropy collapse ->
 #: Jacobian collapse -> divergence.
 CHAIN = ("sigma_max", "logit_scale", "entropy", "jacobian", "divergence")
-CHAIN_LABELS = {"sigma_max": "attention sigma_max x2", "logit_scale": "logit max|z| x2",
+CHAIN_LABELS = {"sigma_max": "attention sigma_max x1.41", "logit_scale": "logit max|z| x2",
                 "entropy": "entropy /2", "jacobian": "softmax Jacobian /2", "divergence": "divergence"}
 
+
+#: A stage's onset is its signal moving by ``factor ** exponent``.  A logit is ``q . k`` with
+#: ``q`` and ``k`` both made by the attention matrices, so its bound grows as sigma_max
+#: squared: sigma_max growing by sqrt(factor) is what lets the logits grow by ``factor``.  With
+#: the same factor for both, the logits would cross first by construction.
+ONSET_EXPONENT = {"sigma_max": 0.5}
 
 #: The signal of each stage before divergence, and whether its onset is a rise (else a fall).
 CHAIN_SIGNALS = {
@@ -113,14 +119,15 @@ def causal_chain(run_dir, *, start_iter: int, divergence_iter: int | None, facto
     ``diag_interval`` iterations, so two stages can fall into one interval).
 
     Onsets are measured against the run's own values at ``start_iter`` (the end of warmup):
-    sigma_max (max over attention matrices) and the logit scale (max over layers) rising by
-    ``factor``; attention entropy and the softmax-Jacobian norm (min over layers) falling by it
+    the logit scale (max over layers) rising by ``factor``, sigma_max (max over attention
+    matrices) rising by ``sqrt(factor)`` (:data:`ONSET_EXPONENT`), attention entropy and the softmax-Jacobian norm (min over layers) falling by it
     (:data:`CHAIN_SIGNALS`); divergence is ``divergence_iter`` (the classifier's, or the first
     non-finite step)."""
     onsets, peaks = {}, {}
     for stage, (load, rising) in CHAIN_SIGNALS.items():
         series = load(run_dir)
-        onsets[stage] = first_crossing(series, start_iter=start_iter, factor=factor, rising=rising)
+        onsets[stage] = first_crossing(series, start_iter=start_iter, factor=factor ** ONSET_EXPONENT.get(stage, 1.0),
+                                       rising=rising)
         peaks[stage] = peak_ratio(series, start_iter=start_iter, rising=rising)
     onsets["divergence"] = divergence_iter
     reached = [onsets[s] for s in CHAIN if onsets[s] is not None]

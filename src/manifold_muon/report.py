@@ -262,7 +262,8 @@ before it existed have none); viol: the largest tangent violation `RMS(P(sym(W^T
     sections.append(f"""## The causal chain
 
 Onset iteration of each stage, against the run's own value at the end of warmup (iteration
-{cfg['warmup_iters']}): attention sigma_max and logit scale doubling, entropy and softmax-Jacobian
+{cfg['warmup_iters']}): the logit scale doubling, attention sigma_max growing by sqrt(2) (a logit's bound
+grows as sigma_max squared, so this is the growth that doubles it), entropy and softmax-Jacobian
 norm halving, and divergence (first non-finite step or the classifier's verdict). "In chain
 order" means the stages that happened did so in this order (ties allowed: diagnostics are
 sampled every `diag_interval` iterations). Stable runs are shown too, as controls.
