@@ -11,7 +11,10 @@
 #   bash scripts/gpu.sh levers                      benchmarks/fast_path.py at GPT-2 small's shapes
 #   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS] [OVERRIDES]  gpt2-reduced runs, e.g.
 #                                                   `sweep paper,improved 1` or `sweep improved 1 hetero --dual_steps=8`,
-#                                                   then `quality` on every run with a checkpoint here
+#                                                   then `quality` on every run with a checkpoint here;
+#                                                   other settings need their own folder, e.g.
+#                                                   `RESULTS=results/gpt2-reduced-lr8x bash scripts/gpu.sh sweep
+#                                                   paper,improved 1 all-stiefel,all-dgram --muon_lr=0.16`
 #   bash scripts/gpu.sh quality [RUN_DIR ...]       issue 5's direction quality, per matrix group, on
 #                                                   the final momenta of runs (default: every
 #                                                   constrained run here with a checkpoint)

@@ -126,6 +126,7 @@ def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, t
         runs = [sweep / f"all-dgram-s{s}" for s in (1, 2)]
         finals = [json.loads((run / "summary.json").read_text())["final_val_loss"] for run in runs]
         assert entry["final_val_loss"] == pytest.approx(np.mean(finals)) and entry["seeds"] == 2
+        assert entry["final_val_std"] == pytest.approx(np.std(finals, ddof=1))
         entropy = [min(min(m["entropy"] for m in d["mechanics"]) for d in read_jsonl(run / "diagnostics.jsonl"))
                    for run in runs]
         assert entry["entropy"] == pytest.approx(np.mean(entropy))

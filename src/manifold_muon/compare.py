@@ -57,6 +57,11 @@ def _mean(values) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _std(values) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def _sweep_label(settings: list[str], config: dict, sweep_dir: Path) -> str:
     return ", ".join(f"{k}={config[k]}" for k in settings) or sweep_dir.name
 
@@ -92,6 +97,7 @@ def compare_rows(sweep_dirs: list[Path]) -> tuple[list[str], list[str], list[dic
             row["sweeps"].append(None if not runs else {
                 "seeds": len(runs), "unstable": sum(not r["stable"] for r in runs),
                 "final_val_loss": _mean([r["final_val_loss"] for r in runs]),
+                "final_val_std": _std([r["final_val_loss"] for r in runs]),
                 **{k: _mean([p[k] for p in peaks]) for k in ("sigma_max", "logit", "entropy")}})
         rows.append(row)
     return settings, labels, rows
@@ -101,6 +107,8 @@ def _cell(entry: dict | None) -> str:
     if entry is None:
         return "-"
     loss = "-" if entry["final_val_loss"] is None else f"{entry['final_val_loss']:.3f}"
+    if entry["final_val_std"] is not None:
+        loss += f" ± {entry['final_val_std']:.3f}"
     flag = f", {entry['unstable']}/{entry['seeds']} unstable" if entry["unstable"] else ""
     peaks = "/".join("-" if entry[k] is None else f"{entry[k]:.3g}" for k in ("sigma_max", "logit", "entropy"))
     return f"{loss}{flag} ({peaks})"
@@ -113,7 +121,7 @@ def _markdown(labels: list[str], rows: list[dict]) -> str:
 
 
 def _write_csv(path: Path, labels: list[str], rows: list[dict]) -> None:
-    keys = ("seeds", "unstable", "final_val_loss", "sigma_max", "logit", "entropy")
+    keys = ("seeds", "unstable", "final_val_loss", "final_val_std", "sigma_max", "logit", "entropy")
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["allocation", "mode", "sweep", *keys])
@@ -141,10 +149,10 @@ def build_comparison(sweep_dirs, out_dir) -> Path:
               if settings else "The sweeps' training settings are identical; columns are named by directory.")
     text = f"""# Comparison: {', '.join(d.name for d in sweep_dirs)}
 
-{differ} Each cell is the final val loss (mean over seeds; how many seeds the classifier of
-`manifold_muon.stability` called unstable), then in parentheses the run's largest attention
-sigma_max / largest attention logit |z| / lowest attention entropy (nats), each the mean over
-seeds of the run's extreme.
+{differ} Each cell is the final val loss (mean ± std over seeds where there are
+several; how many seeds the classifier of `manifold_muon.stability` called unstable), then in
+parentheses the run's largest attention sigma_max / largest attention logit |z| / lowest
+attention entropy (nats), each the mean over seeds of the run's extreme.
 
 {_markdown(labels, rows)}
 ![Comparison]({fig})

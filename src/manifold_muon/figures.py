@@ -143,7 +143,7 @@ def plot_comparison(labels: list[str], rows: list[dict], path: Path) -> str:
     plt = _plt()
     panels = [("final_val_loss", "final val loss", False), ("sigma_max", "peak attention sigma_max", True),
               ("entropy", "lowest attention entropy (nats)", True)]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.6))
     allocations = list(dict.fromkeys(r["allocation"] for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     x = np.arange(len(labels))
@@ -157,5 +157,5 @@ def plot_comparison(labels: list[str], rows: list[dict], path: Path) -> str:
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the panels, off the data
     return _save(fig, path)
