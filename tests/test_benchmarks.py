@@ -45,3 +45,12 @@ def test_fast_path_times_every_lever(tmp_path):
     for levers in rows.values():
         assert len(levers) == 17 and all(v["ms"] > 0 for v in levers.values())
         assert levers["muon msign: newton-schulz 5, bf16"]["vs_muon"] == 1.0
+
+
+def test_dgram_scale_shows_the_reference_solver_losing_the_gradient_as_columns_grow(tmp_path):
+    run_script("dgram_scale.py", "--scales", "0.3,8", "--shape", "48x16", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("dgram_scale_*_48x16_cpu.json")
+    rows = {(r["scale"], r["mode"]): r for r in json.loads(path.read_text())["rows"]}
+    assert abs(rows[(0.3, "improved")]["alignment"] - rows[(8.0, "improved")]["alignment"]) < 2e-3  # scale-free
+    assert max(rows[(s, "improved")]["violation"] for s in (0.3, 8.0)) < 1e-5
+    assert rows[(0.3, "paper")]["alignment"] > 0.9 > 0.5 > rows[(8.0, "paper")]["alignment"]
