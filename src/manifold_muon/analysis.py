@@ -120,8 +120,8 @@ def causal_chain(run_dir, *, start_iter: int, divergence_iter: int | None, facto
 
     Onsets are measured against the run's own values at ``start_iter`` (the end of warmup):
     the logit scale (max over layers) rising by ``factor``, sigma_max (max over attention
-    matrices) rising by ``sqrt(factor)`` (:data:`ONSET_EXPONENT`), attention entropy and the softmax-Jacobian norm (min over layers) falling by it
-    (:data:`CHAIN_SIGNALS`); divergence is ``divergence_iter`` (the classifier's, or the first
+    matrices) rising by ``sqrt(factor)`` (:data:`ONSET_EXPONENT`), attention entropy and the
+    softmax-Jacobian norm (min over layers) falling by ``factor`` (:data:`CHAIN_SIGNALS`); divergence is ``divergence_iter`` (the classifier's, or the first
     non-finite step)."""
     onsets, peaks = {}, {}
     for stage, (load, rising) in CHAIN_SIGNALS.items():

@@ -116,7 +116,7 @@ def _report(args) -> None:
 def _compare(args) -> None:
     from .compare import build_comparison
     path = build_comparison(args.dirs, args.out)
-    print(path.read_text().split("\n\n")[2])
+    print(path.read_text())
     print(f"comparison: {path}")
 
 

@@ -18,7 +18,7 @@ from .config import config_from_dict, config_to_dict
 from .optim.dual import DIRECTION_MODES
 from .sweep import OPERATIONAL, collect_results
 
-__all__ = ["run_config", "differing_settings", "mechanism_peaks", "compare_rows", "build_comparison"]
+__all__ = ["run_config", "differing_settings", "mechanism_peaks", "code_versions", "compare_rows", "build_comparison"]
 
 #: Settings that name, log or operate a run without changing its training (the seed and the
 #: variant are the rows, not the treatment).
@@ -50,6 +50,16 @@ def mechanism_peaks(run_dir: Path) -> dict:
     return {"sigma_max": extreme(sigma_max_curve(run_dir, "attention"), np.max),
             "logit": extreme(mechanism_curve(run_dir, "logit_max_abs", max), np.max),
             "entropy": extreme(mechanism_curve(run_dir, "entropy", min), np.min)}
+
+
+def code_versions(sweep_dirs: list[Path]) -> list[str]:
+    """Per sweep, what made it (git commit, torch, device) from its runs' ``env.json``."""
+    versions = []
+    for d in sweep_dirs:
+        envs = sorted({(e.get("git_sha") or "?")[:7] + f" (torch {e.get('torch', '?')}, {e.get('device', '?')})"
+                       for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json")))})
+        versions.append(" + ".join(envs) or "unknown")
+    return versions
 
 
 def _mean(values) -> float | None:
@@ -145,6 +155,10 @@ def build_comparison(sweep_dirs, out_dir) -> Path:
     _write_csv(out_dir / "compare.csv", labels, rows)
     from .figures import plot_comparison
     fig = plot_comparison(labels, rows, out_dir / "fig_compare.png")
+    versions = code_versions(sweep_dirs)
+    made_by = ("All runs were made by the same code: " + versions[0] + "." if len(set(versions)) == 1 else
+               "The sweeps were made by different code, so a difference may come from the code as well as from "
+               "the setting: " + "; ".join(f"`{d.name}`: {v}" for d, v in zip(sweep_dirs, versions)) + ".")
     differ = (f"The sweeps differ in {', '.join(f'`{k}`' for k in settings)}; every other training setting is the same."
               if settings else "The sweeps' training settings are identical; columns are named by directory.")
     text = f"""# Comparison: {', '.join(d.name for d in sweep_dirs)}
@@ -156,6 +170,8 @@ attention entropy (nats), each the mean over seeds of the run's extreme.
 
 {_markdown(labels, rows)}
 ![Comparison]({fig})
+
+{made_by}
 
 Sweeps: {', '.join(f'`{d}`' for d in sweep_dirs)}. Data: [compare.csv](compare.csv).
 """
