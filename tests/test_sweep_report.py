@@ -136,7 +136,7 @@ def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, t
     env_path = sweeps[1] / "all-dgram-s2" / "env.json"
     env_path.write_text(json.dumps({**json.loads(env_path.read_text()), "git_sha": "0123456789abcdef"}))
     assert "`lr-high`: 0123456 (torch" in build_comparison(sweeps, tmp_path / "cmp").read_text()
-    assert "made by different code" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert "more than one version of the code" in (tmp_path / "cmp" / "compare.md").read_text()
     assert "differ in `muon_lr`" in text and "| all-dgram | improved | " in text and "](fig_compare.png)" in text
     assert (path.parent / "fig_compare.png").read_bytes()[:4] == b"\x89PNG"
     with open(path.parent / "compare.csv") as f:

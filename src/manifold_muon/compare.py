@@ -15,6 +15,7 @@ import numpy as np
 
 from .analysis import mechanism_curve, sigma_max_curve
 from .config import config_from_dict, config_to_dict
+from .figures import plot_comparison
 from .optim.dual import DIRECTION_MODES
 from .sweep import OPERATIONAL, collect_results
 
@@ -62,13 +63,17 @@ def code_versions(sweep_dirs: list[Path]) -> list[str]:
     return versions
 
 
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and np.isfinite(v)]
+
+
 def _mean(values) -> float | None:
-    values = [v for v in values if v is not None and np.isfinite(v)]
+    values = _finite(values)
     return statistics.mean(values) if values else None
 
 
 def _std(values) -> float | None:
-    values = [v for v in values if v is not None and np.isfinite(v)]
+    values = _finite(values)
     return statistics.stdev(values) if len(values) > 1 else None
 
 
@@ -153,12 +158,13 @@ def build_comparison(sweep_dirs, out_dir) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / "compare.csv", labels, rows)
-    from .figures import plot_comparison
     fig = plot_comparison(labels, rows, out_dir / "fig_compare.png")
     versions = code_versions(sweep_dirs)
-    made_by = ("All runs were made by the same code: " + versions[0] + "." if len(set(versions)) == 1 else
-               "The sweeps were made by different code, so a difference may come from the code as well as from "
-               "the setting: " + "; ".join(f"`{d.name}`: {v}" for d, v in zip(sweep_dirs, versions)) + ".")
+    one_version = len(set(versions)) == 1 and " + " not in versions[0]
+    made_by = ("All runs were made by the same code: " + versions[0] + "." if one_version else
+               "The runs were made by more than one version of the code, so a difference may come from the code "
+               "as well as from the setting: " + "; ".join(f"`{d.name}`: {v}" for d, v in zip(sweep_dirs, versions))
+               + ".")
     differ = (f"The sweeps differ in {', '.join(f'`{k}`' for k in settings)}; every other training setting is the same."
               if settings else "The sweeps' training settings are identical; columns are named by directory.")
     text = f"""# Comparison: {', '.join(d.name for d in sweep_dirs)}
