@@ -14,7 +14,8 @@ from .diagnostics import read_spectral
 from .runio import read_jsonl
 
 __all__ = ["val_curve", "sigma_max_curve", "mechanism_curve", "health_curve", "first_crossing", "causal_chain",
-           "divergence_iter", "baseline", "CHAIN", "CHAIN_SIGNALS", "CHAIN_LABELS", "seed_gap", "GAP_PAIRS"]
+           "divergence_iter", "baseline", "CHAIN", "CHAIN_SIGNALS", "CHAIN_LABELS", "seed_gap", "GAP_PAIRS",
+           "finite_values"]
 
 Series = tuple[np.ndarray, np.ndarray]
 
@@ -121,8 +122,8 @@ def causal_chain(run_dir, *, start_iter: int, divergence_iter: int | None, facto
     Onsets are measured against the run's own values at ``start_iter`` (the end of warmup):
     the logit scale (max over layers) rising by ``factor``, sigma_max (max over attention
     matrices) rising by ``sqrt(factor)`` (:data:`ONSET_EXPONENT`), attention entropy and the
-    softmax-Jacobian norm (min over layers) falling by ``factor`` (:data:`CHAIN_SIGNALS`); divergence is ``divergence_iter`` (the classifier's, or the first
-    non-finite step)."""
+    softmax-Jacobian norm (min over layers) falling by ``factor`` (:data:`CHAIN_SIGNALS`);
+    divergence is ``divergence_iter`` (the classifier's, or the first non-finite step)."""
     onsets, peaks = {}, {}
     for stage, (load, rising) in CHAIN_SIGNALS.items():
         series = load(run_dir)
@@ -161,14 +162,18 @@ GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hete
              ("all-dgram-capped", "all-dgram"), ("hetero-inv-capped", "hetero-inv"))
 
 
+def finite_values(values) -> list[float]:
+    """The values that are neither None nor NaN/inf (a diverged run's loss, a missing statistic)."""
+    return [v for v in values if v is not None and np.isfinite(v)]
+
+
 def seed_gap(a: list[float], b: list[float]) -> dict | None:
     """Is the difference of means between two allocations larger than the seed-to-seed spread?
 
     ``spread`` is the larger of the two ranges (max - min over seeds); ``exceeds_spread`` is
     ``|mean(a) - mean(b)| > spread``; ``separated`` means every seed of one is below every
     seed of the other.  Needs two finite values on each side (None otherwise)."""
-    a = [v for v in a if v is not None and np.isfinite(v)]
-    b = [v for v in b if v is not None and np.isfinite(v)]
+    a, b = finite_values(a), finite_values(b)
     if len(a) < 2 or len(b) < 2:
         return None
     gap = statistics.mean(a) - statistics.mean(b)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import mechanism_curve, sigma_max_curve
+from .analysis import finite_values, mechanism_curve, sigma_max_curve
 from .config import config_from_dict, config_to_dict
 from .figures import plot_comparison
 from .optim.dual import DIRECTION_MODES
+from .report import markdown_table
 from .sweep import OPERATIONAL, collect_results
 
 __all__ = ["run_config", "differing_settings", "mechanism_peaks", "code_versions", "compare_rows", "build_comparison"]
@@ -63,17 +64,13 @@ def code_versions(sweep_dirs: list[Path]) -> list[str]:
     return versions
 
 
-def _finite(values) -> list[float]:
-    return [v for v in values if v is not None and np.isfinite(v)]
-
-
 def _mean(values) -> float | None:
-    values = _finite(values)
+    values = finite_values(values)
     return statistics.mean(values) if values else None
 
 
 def _std(values) -> float | None:
-    values = _finite(values)
+    values = finite_values(values)
     return statistics.stdev(values) if len(values) > 1 else None
 
 
@@ -130,9 +127,10 @@ def _cell(entry: dict | None) -> str:
 
 
 def _markdown(labels: list[str], rows: list[dict]) -> str:
-    head = "| Allocation | Mode | " + " | ".join(labels) + " |\n|" + "---|" * (len(labels) + 2) + "\n"
-    return head + "".join(f"| {r['allocation']} | {r['mode']} | " + " | ".join(_cell(e) for e in r["sweeps"])
-                          + " |\n" for r in rows)
+    columns = [("allocation", "Allocation"), ("mode", "Mode")] + [(i, label) for i, label in enumerate(labels)]
+    cells = [{"allocation": r["allocation"], "mode": r["mode"], **{i: _cell(e) for i, e in enumerate(r["sweeps"])}}
+             for r in rows]
+    return markdown_table(cells, columns)
 
 
 def _write_csv(path: Path, labels: list[str], rows: list[dict]) -> None:

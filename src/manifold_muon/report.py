@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_iter, health_curve, seed_gap
+from .analysis import (CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_iter, finite_values, health_curve,
+                       seed_gap)
 from .diagnostics import module_group
 from .figures import make_figures, plot_causal_chains
 from .stability import DEFAULT_THRESHOLDS
 from .sweep import collect_results
 
-__all__ = ["build_report", "table_rows", "format_table", "gap_rows", "chain_rows", "mode_rows"]
+__all__ = ["build_report", "table_rows", "format_table", "gap_rows", "chain_rows", "mode_rows", "markdown_table"]
 
 PRETTY = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "DGram", "muon/oblique": "Oblique",
           "muon/dgram-capped": "DGram, capped", "muon/dgram-svd": "DGram (SVD retraction)",
@@ -32,12 +33,8 @@ def _constraint(run_dir: Path, group: str) -> str:
     return ", ".join(sorted(PRETTY.get(f, f) for f in found)) or "-"
 
 
-def _finite(values) -> list[float]:
-    return [v for v in values if v is not None and np.isfinite(v)]
-
-
 def _mean_std(values: list[float]) -> str:
-    values = _finite(values)
+    values = finite_values(values)
     if not values:
         return "-"
     if len(values) == 1:
@@ -86,7 +83,7 @@ COLUMNS = [("allocation", "Allocation"), ("mode", "Mode"), ("attention", "Attent
            ("result", "Result")]
 
 
-def _markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(t for _, t in columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "".join("| " + " | ".join(str(r[k]) for k, _ in columns) + " |\n" for r in rows)
 
@@ -94,7 +91,7 @@ def _markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def format_table(rows: list[dict]) -> str:
     """Table 1 as Markdown; the Mode column only when the rows have more than one mode."""
     several = len({r["mode"] for r in rows}) > 1
-    return _markdown(rows, [c for c in COLUMNS if several or c[0] != "mode"])
+    return markdown_table(rows, [c for c in COLUMNS if several or c[0] != "mode"])
 
 
 def gap_rows(out_dir, results: list[dict]) -> list[dict]:
@@ -143,7 +140,7 @@ def _chain_markdown(chains: list[tuple[dict, dict]]) -> str:
                "order": ("yes" if c["in_order"] else "no") + f" ({c['reached']}/{len(CHAIN)} stages)"}
         row.update({s: "-" if c["onsets"][s] is None else c["onsets"][s] for s in CHAIN})
         rows.append(row)
-    return _markdown(rows, columns)
+    return markdown_table(rows, columns)
 
 
 def _per_run(out_dir: Path, runs: list[dict], group: str, key: str, reduce) -> list[float]:
@@ -212,7 +209,7 @@ def build_report(out_dir) -> Path:
     thresholds = ", ".join(f"{k}={v}" for k, v in DEFAULT_THRESHOLDS.items())
     modes = _modes(results)
     gaps = gap_rows(out_dir, results)
-    gap_text = (_markdown(gaps, GAP_COLUMNS) if gaps else
+    gap_text = (markdown_table(gaps, GAP_COLUMNS) if gaps else
                 "No pair of the compared allocations has two or more seeds with finite final losses.\n")
     sections = [f"""# Report: {out_dir.name}
 
@@ -236,7 +233,7 @@ this is a rough test, not a p-value.
     if len(modes) > 1:
         sections.append(f"""## Paper mode vs improved mode
 
-{_markdown(mode_rows(out_dir, results), MODE_COLUMNS)}
+{markdown_table(mode_rows(out_dir, results), MODE_COLUMNS)}
 align: the direction's alignment `<G,A>/||G||_*`, mean over the run's diagnostics and the
 group's matrices, and in parentheses the same for the direction made feasible (projected onto the
 tangent space, rescaled to spectral norm 1: the fair comparison for paper mode; runs logged

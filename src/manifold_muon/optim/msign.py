@@ -34,7 +34,8 @@ import torch
 
 from .precision import matmul_eps
 
-__all__ = ["msign", "msign_near_orthogonal", "quintic_schedule", "QuinticSchedule", "MSIGN_METHODS", "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
+__all__ = ["msign", "msign_near_orthogonal", "quintic_schedule", "QuinticSchedule", "MSIGN_METHODS",
+           "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
 
 # Keller Jordan's quintic (a, b, c): maximal slope at zero, not convergent to 1.
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
