@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="run allocations x seeds with everything else identical (resumable)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run every allocation x seed; a killed sweep, run again, skips finished runs "
-                                   "and resumes the others from their checkpoints. Extra --key=value are config "
-                                   "overrides applied to every run.")
+                                   "and resumes the others from their checkpoints. Extra --key=value (or --key value) "
+                                   "are config overrides applied to every run, e.g. --muon_lr=0.16.")
     w.add_argument("--preset", default="tiny-cpu", help="config preset: " + PRESET_HELP)
     w.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
                    help="comma-separated allocation presets (default: the paper's five)")
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "present device; print a table with ratios to AdamW and direction quality, "
                                    "and save it as JSON. Extra --key=value are config overrides.")
     b.add_argument("--preset", default="tiny-cpu", help="config preset (gpt2-small on a GPU is the paper's model)")
-    b.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv")
+    b.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
+                   help="comma-separated allocation presets to time (default: the paper's five)")
     b.add_argument("--modes", default="paper,fast,improved",
                    help="Manifold Muon solver modes to time per allocation (improved is slow at GPT-2 scale)")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds after 2 warm-up rounds (default 5)")
