@@ -248,6 +248,8 @@ align: the direction's alignment `<G,A>/||G||_*`, mean over the run's diagnostic
 group's matrices, and in parentheses the same for the direction made feasible (projected onto the
 tangent space, rescaled to spectral norm 1: the fair comparison for paper mode; runs logged
 before it existed have none); viol: the largest tangent violation `RMS(P(sym(W^T A)))` seen.
+Improved - paper: the difference of mean final val losses, tested against the seed spread
+where each mode has two or more seeds.
 """)
     sections.append(f"""## Figure 1: validation loss
 
