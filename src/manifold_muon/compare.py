@@ -54,14 +54,11 @@ def mechanism_peaks(run_dir: Path) -> dict:
             "entropy": extreme(mechanism_curve(run_dir, "entropy", min), np.min)}
 
 
-def code_versions(sweep_dirs: list[Path]) -> list[str]:
-    """Per sweep, what made it (git commit, torch, device) from its runs' ``env.json``."""
-    versions = []
-    for d in sweep_dirs:
-        envs = sorted({(e.get("git_sha") or "?")[:7] + f" (torch {e.get('torch', '?')}, {e.get('device', '?')})"
-                       for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json")))})
-        versions.append(" + ".join(envs) or "unknown")
-    return versions
+def code_versions(sweep_dirs: list[Path]) -> list[list[str]]:
+    """Per sweep, the distinct codes that made its runs (git commit, torch, device), from their ``env.json``."""
+    return [sorted({(e.get("git_sha") or "?")[:7] + f" (torch {e.get('torch', '?')}, {e.get('device', '?')})"
+                    for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json")))})
+            for d in sweep_dirs]
 
 
 def _mean(values) -> float | None:
@@ -158,11 +155,11 @@ def build_comparison(sweep_dirs, out_dir) -> Path:
     _write_csv(out_dir / "compare.csv", labels, rows)
     fig = plot_comparison(labels, rows, out_dir / "fig_compare.png")
     versions = code_versions(sweep_dirs)
-    one_version = len(set(versions)) == 1 and " + " not in versions[0]
-    made_by = ("All runs were made by the same code: " + versions[0] + "." if one_version else
+    every_version = set().union(*versions)
+    made_by = ("All runs were made by the same code: " + every_version.pop() + "." if len(every_version) == 1 else
                "The runs were made by more than one version of the code, so a difference may come from the code "
-               "as well as from the setting: " + "; ".join(f"`{d.name}`: {v}" for d, v in zip(sweep_dirs, versions))
-               + ".")
+               "as well as from the setting: "
+               + "; ".join(f"`{d.name}`: {' + '.join(v) or 'unknown'}" for d, v in zip(sweep_dirs, versions)) + ".")
     differ = (f"The sweeps differ in {', '.join(f'`{k}`' for k in settings)}; every other training setting is the same."
               if settings else "The sweeps' training settings are identical; columns are named by directory.")
     text = f"""# Comparison: {', '.join(d.name for d in sweep_dirs)}

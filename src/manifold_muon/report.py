@@ -176,14 +176,14 @@ def mode_rows(out_dir, results: list[dict]) -> list[dict]:
 def _mode_gap_text(improved: list, paper: list) -> str:
     """Improved minus paper in mean final loss, tested against the seed spread where both modes
     have two finite seeds; with fewer, the bare difference (still worth reading, not testable)."""
-    gap = seed_gap(improved, paper)
-    if gap is not None:
-        verdict = "larger than" if gap["exceeds_spread"] else "within"
-        return f"{gap['gap']:+.4f} ({verdict} the spread {gap['spread']:.4f})"
     improved, paper = finite_values(improved), finite_values(paper)
     if not improved or not paper:
         return "-"
-    return f"{np.mean(improved) - np.mean(paper):+.4f} (too few seeds to test)"
+    gap = seed_gap(improved, paper)
+    if gap is None:
+        return f"{np.mean(improved) - np.mean(paper):+.4f} (too few seeds to test)"
+    verdict = "larger than" if gap["exceeds_spread"] else "within"
+    return f"{gap['gap']:+.4f} ({verdict} the spread {gap['spread']:.4f})"
 
 
 MODE_COLUMNS = [("allocation", "Allocation"), ("paper_val", "Paper: final val"), ("paper_result", "Paper: result"),
