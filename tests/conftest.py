@@ -154,3 +154,34 @@ def markov_batches(vocab=32, ctx=16, batch=8, steps=200, seed=0):
 def tiny_gpt():
     torch.manual_seed(0)
     return TinyGPT()
+
+
+@pytest.fixture
+def bf16_units(monkeypatch):
+    """Pretend the CPU has bf16 units (True) or not (False), whatever this machine has."""
+    from manifold_muon.optim import precision
+
+    def choose(native: bool):
+        monkeypatch.setattr(precision, "native_bf16_matmul", lambda device_type: native)
+    return choose
+
+
+def matmul_dtypes(fn):
+    """The dtypes of every matrix product ``fn()`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    products = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+                torch.ops.aten.baddbmm.default}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                self.dtypes.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        out = fn()
+    return out, record.dtypes

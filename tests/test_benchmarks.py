@@ -54,3 +54,17 @@ def test_dgram_scale_shows_the_reference_solver_losing_the_gradient_as_columns_g
     assert abs(rows[(0.3, "improved")]["alignment"] - rows[(8.0, "improved")]["alignment"]) < 2e-3  # scale-free
     assert max(rows[(s, "improved")]["violation"] for s in (0.3, 8.0)) < 1e-5
     assert rows[(0.3, "paper")]["alignment"] > 0.9 > 0.5 > rows[(8.0, "paper")]["alignment"]
+
+
+def test_bf16_emulation_times_both_paths_and_refuses_an_unknown_mode(tmp_path):
+    run_script("bf16_emulation.py", "--d", "16", "--layers", "1", "--rounds", "1", "--modes", "muon,fast",
+               "--out", str(tmp_path))
+    (path,) = tmp_path.glob("bf16_emulation_*_d16_cpu.json")
+    result = json.loads(path.read_text())
+    assert isinstance(result["native_bf16_matmul"], bool)
+    assert set(result["rows"]) == {"muon", "fast"}
+    assert all(row["native_ms"] > 0 and row["emulated_ms"] > 0 for row in result["rows"].values())
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_emulation.py"), "--modes", "slow",
+                           "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "valid choices: muon, fast, paper" in done.stderr

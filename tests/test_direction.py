@@ -5,7 +5,7 @@ import torch
 
 from manifold_muon import get_manifold, manifold_direction, msign, solve_direction
 from manifold_muon.optim.dual import alignment
-from conftest import dual_bound, momentum_like, point_on
+from conftest import dual_bound, matmul_dtypes, momentum_like, point_on
 
 FAST_NORM_TOL = 5e-3   # fast mode's ||A||_2 <= 1 up to its Lanczos estimate (measured within 3e-3)
 
@@ -200,6 +200,21 @@ def test_fast_mode_runs_seven_polar_express_steps_and_aligns_as_well_as_ten(man,
     five = solve_direction(w, g, man, mode="fast", msign_steps=5).direction
     assert alignment(g, default) >= alignment(g, ten) - 2e-3    # measured within 3e-4, or better
     assert alignment(g, five) < alignment(g, default) - 5e-3    # why not fewer: 5 steps lose alignment
+
+
+@pytest.mark.parametrize("man", ["stiefel", "dgram"])
+def test_fast_mode_without_bf16_units_runs_no_bf16_product_and_finds_the_same_direction(bf16_units, man):
+    # Its warm start and msign are bf16 work: on a CPU without bf16 units the warm start runs in
+    # float32 on bf16-rounded inputs (it only feeds the msign, which rounds it to bf16).
+    w, g = point_on(man, 96, 32, seed=4).float(), momentum_like(96, 32, seed=4).float()
+    bf16_units(True)
+    native, native_dtypes = matmul_dtypes(lambda: solve_direction(w, g, man, mode="fast").direction)
+    bf16_units(False)
+    emulated, emulated_dtypes = matmul_dtypes(lambda: solve_direction(w, g, man, mode="fast").direction)
+    assert torch.bfloat16 in native_dtypes and emulated_dtypes == {torch.float32}
+    assert abs(alignment(g, emulated) - alignment(g, native)) < 3e-3
+    assert get_manifold(man).tangent_violation(w, emulated) < 1e-6
+    check_feasible(w, emulated, man, norm_tol=FAST_NORM_TOL)
 
 
 def test_fast_mode_refuses_dual_steps_with_a_pointer_to_improved_mode():

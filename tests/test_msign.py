@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from manifold_muon import msign
-from conftest import with_condition
+from conftest import matmul_dtypes, with_condition
 
 SHAPES = [(48, 48), (96, 32), (32, 96)]
 CONDS = [1.0, 10.0, 100.0, 1000.0]
@@ -104,3 +104,48 @@ def test_near_orthogonal_msign_matches_the_svd_polar_factor(shape, spread):
         tall = out if shape[0] >= shape[1] else out.T
         assert (tall.T @ tall - torch.eye(min(shape), dtype=torch.float64)).norm() < 1e-13
     torch.testing.assert_close(msign_near_orthogonal(x.float()), reference.float(), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["polar_express", "newton_schulz"])
+def test_bf16_without_bf16_units_is_bf16_rounding_in_float32_arithmetic(bf16_units, method):
+    # On a CPU without bf16 units a bf16 matmul is a scalar fallback (75x the float32 one on
+    # this project's AVX2 CPU); emulated, every product is float32 and rounded to bf16.
+    x, polar = with_condition(96, 32, 10.0, batch=(3,))
+    bf16_units(True)
+    native, native_dtypes = matmul_dtypes(lambda: msign(x.float(), method, dtype=torch.bfloat16))
+    bf16_units(False)
+    emulated, emulated_dtypes = matmul_dtypes(lambda: msign(x.float(), method, dtype=torch.bfloat16))
+    assert native_dtypes == {torch.bfloat16} and emulated_dtypes == {torch.float32}
+    assert torch.equal(emulated, emulated.bfloat16().float())   # the values stay bf16 numbers
+    # the same computation up to the order of float32 sums: a bf16 rounding apart, and no
+    # closer to the polar factor than bf16 allows (float32 arithmetic alone would be 1e-6 away)
+    assert rel_err(emulated, native.double()) < 2e-2
+    if method == "polar_express":
+        assert 2e-3 < rel_err(emulated, polar) < 1.5 * rel_err(native, polar)
+
+
+def test_one_emulated_product_equals_the_bf16_product_where_sums_are_exact(bf16_units):
+    # integers below 2^4: products and sums are exact in float32, so only the final rounding
+    # to bf16 (8 bits) shows, and it must be the bf16 matmul's own
+    from manifold_muon.optim.msign import _odd_quintic_iterations
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-15, 16, (2, 6, 40), generator=gen).float()
+    native = _odd_quintic_iterations(x.bfloat16(), [(1.0, 3.0, 0.0)])
+    emulated = _odd_quintic_iterations(x, [(1.0, 3.0, 0.0)], round_to=torch.bfloat16)
+    assert not torch.equal(emulated, x + 3 * (x @ x.mT) @ x)   # rounding did happen ...
+    assert torch.equal(emulated, native.float())                # ... exactly as bf16 does it
+
+
+def test_bf16_emulation_can_be_forced_and_a_bad_choice_is_named(monkeypatch):
+    from manifold_muon.optim import precision
+    for value, expected in (("native", True), ("emulated", False)):
+        monkeypatch.setenv("MANIFOLD_MUON_BF16", value)
+        precision.native_bf16_matmul.cache_clear()
+        assert precision.native_bf16_matmul("cpu") is expected
+    monkeypatch.setenv("MANIFOLD_MUON_BF16", "fast")
+    precision.native_bf16_matmul.cache_clear()
+    with pytest.raises(ValueError, match="'fast'; valid choices: native, emulated"):
+        precision.native_bf16_matmul("cpu")
+    monkeypatch.delenv("MANIFOLD_MUON_BF16")
+    precision.native_bf16_matmul.cache_clear()
+    assert precision.native_bf16_matmul("cuda") is True

@@ -63,7 +63,7 @@ import torch
 from .manifolds import Manifold, as_tall, get_manifold, sym
 from .msign import msign, quintic_schedule, work_dtype
 from .nuclear_dual import GramDual, MatrixDual, batch_dot
-from .precision import library_matmul_precision
+from .precision import library_matmul_precision, low_precision_compute
 
 __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "DUAL_FORMS",
            "default_msign_dtype", "check_dual_form",
@@ -309,7 +309,9 @@ def _fast(manifold, w, g, sign, low):
     Why ``low``: msign rounds its input to that dtype anyway, so products that only shape
     its input gain nothing from float32, and an H100's IEEE float32 peak is ~1/15 of its bf16 one.
     The dual's gradient and the repair stay in float32: they decide tangency."""
-    wl, gl = w.to(low), _normalised(g).to(low)
+    # On a CPU without bf16 units the products run in float32 on the bf16-rounded inputs.
+    compute = low_precision_compute(low, w.device)
+    wl, gl = w.to(low).to(compute), _normalised(g).to(low).to(compute)
     a = sign(gl - wl @ manifold.normal_coefficients(wl, gl)).to(w.dtype)
     violation = manifold.project(sym(w.mT @ a))
     return _repair(manifold, w, a, violation, estimate_norm=True), _rms(violation)

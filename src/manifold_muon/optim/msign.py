@@ -15,6 +15,9 @@ Dtype policy
   mode, float32 for the improved mode's dual solver (``dual.default_msign_dtype``).
 * ``"svd"`` is the exact reference; it computes in float32, or in float64 when
   the input is float64.
+* bf16 means bf16 values and rounding, not always bf16 arithmetic: on a CPU without bf16
+  units (:func:`~manifold_muon.optim.precision.low_precision_compute`) the iteration runs in
+  float32 and rounds every product to bf16, as a bf16 matmul does, at float32's speed.
 * The result is always returned in the input's dtype.
 * float32 means IEEE float32 unless a ``matmul_precision`` is chosen (see
   :mod:`manifold_muon.optim.precision`): a global TF32 (or CPU bf16) setting for float32
@@ -32,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from .precision import matmul_eps
+from .precision import low_precision_compute, matmul_eps, rounded_to
 
 __all__ = ["msign", "msign_near_orthogonal", "quintic_schedule", "QuinticSchedule", "MSIGN_METHODS",
            "NEWTON_SCHULZ_COEFFS", "POLAR_EXPRESS_COEFFS"]
@@ -96,12 +99,15 @@ def quintic_schedule(method: str, steps: int | None = None) -> QuinticSchedule:
     return QuinticSchedule([NEWTON_SCHULZ_COEFFS] * steps, 1.0, additive_guard=False)
 
 
-def _odd_quintic_iterations(x: torch.Tensor, schedule) -> torch.Tensor:
-    """x <- a x + b (x x^T) x + c (x x^T)^2 x, with x wide so x x^T is the small Gram."""
+def _odd_quintic_iterations(x: torch.Tensor, schedule, round_to: torch.dtype | None = None) -> torch.Tensor:
+    """x <- a x + b (x x^T) x + c (x x^T)^2 x, with x wide so x x^T is the small Gram.
+    ``round_to``: each product is rounded to that dtype (bf16 emulated in float32)."""
     for a, b, c in schedule:
-        gram = x @ x.mT
+        gram = rounded_to(x @ x.mT, round_to)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if gram.ndim == 3 else torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        poly = rounded_to(poly, round_to)
         x = torch.baddbmm(x, poly, x, beta=a) if x.ndim == 3 else torch.addmm(x, poly, x, beta=a)
+        x = rounded_to(x, round_to)
     return x
 
 
@@ -147,13 +153,17 @@ def msign(
     lead = X.shape[:-2]
     x = X.reshape(-1, *X.shape[-2:]) if X.ndim > 3 else X
     dtype = dtype or work_dtype(X)
-    x = x.to(dtype)
+    # bf16 on a CPU without bf16 units: bf16 values in float32 arithmetic, each result rounded
+    compute = low_precision_compute(dtype, X.device)
+    round_to = dtype if compute != dtype else None
+    x = x.to(dtype).to(compute)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation so the Gram x x^T is the small one
         x = x.mT
     # Frobenius norm bounds the spectral norm; Polar Express's 1.01 keeps rounding inside the domain.
-    x = x / schedule.normaliser(x.norm(dim=(-2, -1), keepdim=True), eps)
-    x = _odd_quintic_iterations(x.contiguous(), schedule.coefficients)
+    norm = rounded_to(x.norm(dim=(-2, -1), keepdim=True), round_to)
+    x = rounded_to(x / rounded_to(schedule.normaliser(norm, eps), round_to), round_to)
+    x = _odd_quintic_iterations(x.contiguous(), schedule.coefficients, round_to)
     if tall:
         x = x.mT
     return x.reshape(*lead, *x.shape[-2:]).to(out_dtype)

@@ -17,15 +17,23 @@ the reference code's retraction, a bf16 Polar Express, left 6e-5 to 2e-4; ours l
 "highest" and 5e-5 to 2e-4 at "medium" (bf16 inside float32 matmuls there).  TF32 keeps 3
 more mantissa bits than bf16.  Deliberately
 low-precision work (the bf16 msign) is bf16 by dtype and unaffected by any of this.
+
+bf16 work on a CPU without bf16 units (:func:`low_precision_compute`) is bf16 values in
+float32 arithmetic: there a bf16 matmul falls back to a scalar kernel, 75x slower than the
+float32 one on this project's 2-core AVX2 CPU, where rounding float32 products to bf16
+cost 1/30 of the bf16 matmul itself.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import os
 
 import torch
 
-__all__ = ["MATMUL_PRECISIONS", "float32_matmul_precision", "library_matmul_precision", "matmul_eps"]
+__all__ = ["MATMUL_PRECISIONS", "float32_matmul_precision", "library_matmul_precision", "matmul_eps",
+           "low_precision_compute", "native_bf16_matmul", "rounded_to"]
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")   # torch.set_float32_matmul_precision's levels
 
@@ -87,3 +95,39 @@ def matmul_eps(dtype: torch.dtype, device: torch.device) -> float:
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.fp32_precision == "tf32":
         return 2.0**-10
     return torch.finfo(dtype).eps
+
+
+@functools.cache
+def native_bf16_matmul(device_type: str) -> bool:
+    """Whether bf16 matmuls on ``device_type`` run on bf16-capable units.  GPUs: yes.  CPUs:
+    what oneDNN reports (AVX-512 or Arm's bf16 instructions); elsewhere torch falls back to a
+    scalar bf16 kernel.  Environment variable ``MANIFOLD_MUON_BF16=native|emulated``
+    overrides the answer (read once per process), e.g. to compare the two paths."""
+    forced = os.environ.get("MANIFOLD_MUON_BF16", "")
+    if forced:
+        if forced not in ("native", "emulated"):
+            raise ValueError(f"MANIFOLD_MUON_BF16={forced!r}; valid choices: native, emulated")
+        return forced == "native"
+    if device_type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def low_precision_compute(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype in which to do matmul work meant for ``dtype`` on ``device``: ``dtype`` itself,
+    except bf16 where the device has no bf16 units (:func:`native_bf16_matmul`), which gets
+    float32.  A caller that keeps bf16's semantics there holds bf16 values in float32 and
+    rounds each product back with :func:`rounded_to`, which is what a bf16 matmul computes
+    (products of bf16 numbers are exact in float32, sums accumulate in float32, the result is
+    rounded once) up to the order of the sums."""
+    if dtype == torch.bfloat16 and not native_bf16_matmul(device.type):
+        return torch.float32
+    return dtype
+
+
+def rounded_to(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` and kept in its own dtype (``None``: ``x`` as it is)."""
+    return x if dtype is None or dtype == x.dtype else x.to(dtype).to(x.dtype)
