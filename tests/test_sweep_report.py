@@ -7,8 +7,9 @@ import pytest
 
 from manifold_muon.compare import build_comparison, compare_rows
 from manifold_muon.report import build_report
-from manifold_muon.runio import read_jsonl
-from manifold_muon.sweep import run_sweep
+from manifold_muon.diagnostics import read_spectral
+from manifold_muon.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
+from manifold_muon.sweep import pack_finished_runs, run_sweep
 from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
 
 ALLOCS = ["unconstrained", "hetero"]
@@ -42,6 +43,37 @@ def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):  # no
     assert (crashy / "hetero-s1" / "summary.json").stat().st_mtime_ns == stamp
     rows = read_jsonl(crashy / "results.jsonl")
     assert [r["run"] for r in rows] == ["hetero-s1", "unconstrained-s1"] and all("verdict" in r for r in rows)
+
+
+def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "sweep"
+    run_sweep("tiny-cpu", ["hetero"], [1], out, overrides=overrides(data_dir), quiet=True)
+    with pytest.raises(RuntimeError, match="failed"):   # an unfinished run beside it, killed at iteration 7
+        run_sweep("tiny-cpu", ["unconstrained"], [1], out, overrides=overrides(data_dir, fail_at_iter=7), quiet=True)
+    run = out / "hetero-s1"
+    logs = {name: (run / name).read_bytes() for name in PACKED_LOGS}
+    spectra, diagnostics = read_spectral(run)[1], read_jsonl(run / "diagnostics.jsonl")
+    report = build_report(out).read_text()
+
+    done = pack_finished_runs(out)
+    assert done["packed"] == ["hetero-s1"] and done["unfinished"] == ["unconstrained-s1"]
+    assert 0 < done["bytes_after"] < done["bytes_before"] == sum(map(len, logs.values()))
+    assert not any((run / name).exists() for name in PACKED_LOGS)
+    assert np.array_equal(read_spectral(run)[1], spectra) and read_jsonl(run / "diagnostics.jsonl") == diagnostics
+    assert build_report(out).read_text() == report
+    unpack_run(run)
+    assert {name: (run / name).read_bytes() for name in PACKED_LOGS} == logs
+    assert not list(run.glob("*.xz"))
+
+    # a packed run trained again unpacks first, and resumes as if it had never been packed
+    unfinished = out / "unconstrained-s1"
+    pack_run(unfinished)
+    run_sweep("tiny-cpu", ["unconstrained"], [1], out, overrides=overrides(data_dir), quiet=True)
+    straight = tmp_path / "straight"
+    run_sweep("tiny-cpu", ["unconstrained"], [1], straight, overrides=overrides(data_dir), quiet=True)
+    assert losses(unfinished) == losses(straight / "unconstrained-s1") and not list(unfinished.glob("*.xz"))
+    with pytest.raises(FileNotFoundError, match="holds no run directories"):
+        pack_finished_runs(tmp_path)
 
 
 def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811

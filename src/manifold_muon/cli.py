@@ -1,4 +1,4 @@
-"""``manifold-muon prepare | train | sweep | report | compare | bench`` (also ``python -m manifold_muon``)."""
+"""``manifold-muon prepare | train | sweep | report | compare | bench | pack`` (also ``python -m manifold_muon``)."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,16 @@ def _compare(args) -> None:
     print(f"comparison: {path}")
 
 
+def _pack(args) -> None:
+    from .sweep import pack_finished_runs
+    for path in args.dirs:
+        done = pack_finished_runs(path)
+        mib = 1 << 20
+        print(f"{path}: {len(done['packed'])} runs packed, {done['bytes_before'] / mib:.1f} MiB -> "
+              f"{done['bytes_after'] / mib:.1f} MiB of logs"
+              + (f"; unfinished, left as they are: {', '.join(done['unfinished'])}" if done["unfinished"] else ""))
+
+
 def _bench(args, extra) -> None:
     from .bench import format_bench, run_bench, save_bench
     result = run_bench(args.preset, allocations=_csv(args.allocations), modes=_csv(args.modes), rounds=args.rounds,
@@ -181,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Manifold Muon solver modes to time per allocation (improved is slow at GPT-2 scale)")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds after 2 warm-up rounds (default 5)")
     b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
+    k = sub.add_parser("pack", help="xz-compress finished runs' bulky logs in place (for committing results)",
+                       description="Compress spectral.bin, metrics.jsonl and diagnostics.jsonl of every finished "
+                                   "run in each sweep directory (or of a run directory) to .xz, in place. report, "
+                                   "compare and the analysis read packed runs as they are; training a packed run "
+                                   "again unpacks it first. Unfinished runs are left alone.")
+    k.add_argument("dirs", nargs="+", help="sweep or run directories")
     return parser
 
 
@@ -194,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command in with_overrides:
             with_overrides[args.command](args, extra)
         else:
-            {"prepare": _prepare, "report": _report, "compare": _compare}[args.command](args)
+            {"prepare": _prepare, "report": _report, "compare": _compare, "pack": _pack}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -24,6 +24,7 @@ import torch
 
 from .optim.allocation import ATTENTION, MLP
 from .optim.dual import spectral_norm
+from .runio import read_log_bytes
 
 __all__ = ["module_group", "SpectralRecorder", "read_spectral", "spectral_stats", "attention_mechanics",
            "softmax_jacobian_fro", "MAX_RECORDS", "summarize_health"]
@@ -89,11 +90,13 @@ class SpectralRecorder:
 def read_spectral(run_dir) -> tuple[dict, np.ndarray] | tuple[None, None]:
     """``(header, records)`` of a run, or ``(None, None)`` if it recorded no spectra."""
     run_dir = Path(run_dir)
-    if not (run_dir / "spectral.json").is_file() or not (run_dir / "spectral.bin").is_file():
+    data = read_log_bytes(run_dir / "spectral.bin")   # plain or packed (runio.pack_run)
+    if not (run_dir / "spectral.json").is_file() or data is None:
         return None, None
     header = json.loads((run_dir / "spectral.json").read_text())
     dtype = np.dtype([tuple(f) if len(f) == 2 else (f[0], f[1], tuple(f[2])) for f in header["dtype"]])
-    return header, np.fromfile(run_dir / "spectral.bin", dtype=dtype)
+    whole = len(data) - len(data) % dtype.itemsize   # a record torn by a crash is dropped
+    return header, np.frombuffer(data[:whole], dtype=dtype)
 
 
 def softmax_jacobian_fro(p: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import make_config
-from .runio import read_jsonl, write_json
+from .runio import pack_run, read_jsonl, write_json
 from .stability import classify_stability
 
-__all__ = ["run_sweep", "collect_results", "run_name"]
+__all__ = ["run_sweep", "collect_results", "run_name", "pack_finished_runs"]
 
 FINISHED = ("completed", "early_termination")
 #: Overrides that change how runs are operated, not what they compute: a sweep directory may mix them.
@@ -59,6 +59,27 @@ def verdict_for(run_dir: Path) -> dict:
     stopped = summary["iters"] if summary["status"] == "early_termination" else None
     v = classify_stability(evals, warmup_iters=cfg["warmup_iters"], max_iters=cfg["max_iters"], stopped_at=stopped)
     return {"stable": v.stable, "criterion": v.criterion, "criterion_iter": v.iteration, "verdict": v.describe()}
+
+
+def pack_finished_runs(path) -> dict:
+    """Pack (``runio.pack_run``) every finished run in a sweep directory, or the run ``path``
+    itself.  Runs without a finished summary are left alone: they may still be appending."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such sweep or run directory: {path}")
+    runs = [path] if (path / "config.json").is_file() else sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+    if not runs:
+        raise FileNotFoundError(f"{path} holds no run directories (folders with a config.json)")
+    packed, unfinished, before, after = [], [], 0, 0
+    for run_dir in runs:
+        summary = run_dir / "summary.json"
+        if not summary.is_file() or json.loads(summary.read_text()).get("status") not in FINISHED:
+            unfinished.append(run_dir.name)
+            continue
+        b, a = pack_run(run_dir)
+        packed.append(run_dir.name)
+        before, after = before + b, after + a
+    return {"packed": packed, "unfinished": unfinished, "bytes_before": before, "bytes_after": after}
 
 
 def collect_results(out_dir, *, write: bool = True) -> list[dict]:

@@ -21,7 +21,7 @@ from .data import BatchSampler, TokenData
 from .diagnostics import MAX_RECORDS, SpectralRecorder, attention_mechanics, module_group, summarize_health
 from .model import GPT
 from .optim import ManifoldMuon, format_allocation, resolve, save_allocation
-from .runio import JsonlLog, atomic_save, environment, read_jsonl, write_json
+from .runio import JsonlLog, atomic_save, environment, read_jsonl, unpack_run, write_json
 
 __all__ = ["train", "lr_factor", "PEAK_FLOPS"]
 
@@ -217,6 +217,7 @@ class Trainer:
         cfg = self.cfg
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            unpack_run(self.dir)   # a packed run trained again appends to plain logs
             write_json(self.dir / "config.json", config_to_dict(cfg))
             write_json(self.dir / "env.json", environment(self.device, self.world))
             save_allocation(self.groups, self.dir / "allocation.json")
