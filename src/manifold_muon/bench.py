@@ -8,6 +8,11 @@ the mean alignment ``<G, A> / ||G||_*`` and the largest tangent violation of the
 overall and per matrix group (attention / MLP), where it also gives the alignment of the
 direction made feasible (tangent, spectral norm 1): the fair comparison for paper mode.
 Absolute times mean something only on a GPU; on a CPU read the ratios.
+
+With the config's ``compile`` (``--compile``; the paper's setup, and what the 132 ms forward and
+backward of DESIGN.md section 8 was measured with) every configuration's forward goes through
+``torch.compile``: the models share one compiled graph, so it compiles once.  If compiling fails
+the bench says why and times the eager model instead, rather than losing the call.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import make_config
 from .diagnostics import summarize_health
@@ -71,7 +77,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECTION_MODES, rounds: int = 5,
-              warmup: int = 2, overrides: dict[str, str] | None = None, device: str = "auto") -> dict:
+              warmup: int = 2, overrides: dict[str, str] | None = None, device: str = "auto",
+              progress: bool = True) -> dict:
     bad = [m for m in modes if m not in DIRECTION_MODES]
     if bad:
         raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(DIRECTION_MODES)}")
@@ -90,13 +97,25 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             opt = _TorchMuon(model)
         else:
             opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.numerics_options(), **extra))
-        setups.append({"label": label, "model": model, "opt": opt, "fb": [], "opt_ms": []})
+        forward = torch.compile(model) if cfg.compile else model   # the optimizer keeps the plain names
+        setups.append({"label": label, "model": model, "forward": forward, "opt": opt, "fb": [], "opt_ms": []})
+    compile_error = None
+    if cfg.compile:
+        try:   # the first call compiles; the other models reuse its graph
+            with autocast:
+                setups[0]["forward"](x, y)[1].backward()
+            setups[0]["opt"].zero_grad(set_to_none=True)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure: time the eager model instead
+            compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"bench: torch.compile failed, timing the eager model ({compile_error})", flush=True)
+            for s in setups:
+                s["forward"] = s["model"]
 
     def one_step(s, timed):
         synchronize(dev)
         t0 = time.perf_counter()
         with autocast:
-            _, loss = s["model"](x, y)
+            _, loss = s["forward"](x, y)
         loss.backward()
         synchronize(dev)
         t1 = time.perf_counter()
@@ -108,7 +127,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             s["fb"].append((t1 - t0) * 1e3)
             s["opt_ms"].append((t2 - t1) * 1e3)
 
-    for r in range(warmup + rounds):
+    for r in tqdm(range(warmup + rounds), desc="bench rounds", unit="round", disable=not progress):
         for s in setups:  # interleaved rounds: drift in machine speed hits every config alike
             one_step(s, timed=r >= warmup)
     rows = []
@@ -129,12 +148,15 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
                                           "violation_max": h["violation_end_max"]} for group, h in health.items()}})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
-            "preset": preset,
+            "preset": preset, "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
+            "matmul_precision": cfg.matmul_precision,
             "tokens_per_step": cfg.batch_size * cfg.model.block_size, "rounds": rounds, "rows": rows}
 
 
 def format_bench(result: dict) -> str:
+    forward = "compiled" if result.get("compiled") else "eager"
     head = (f"{result['preset']} on {result['device']} (torch {result['torch']}), {result['tokens_per_step']} tokens/step, "
+            f"{forward} forward, float32 matmuls '{result.get('matmul_precision', 'highest')}', "
             f"median of {result['rounds']} interleaved rounds\n")
     cols = f"{'config':28s} {'opt ms':>9s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} {'viol max':>9s}\n"
     body = ""
@@ -158,6 +180,7 @@ def format_bench(result: dict) -> str:
 def save_bench(result: dict, out_dir="benchmarks/results") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_{result['date']}_{result['preset']}_{result['device_type']}.json"
+    tag = "" if result.get("matmul_precision", "highest") == "highest" else f"_{result['matmul_precision']}"
+    path = out / f"bench_{result['date']}_{result['preset']}{tag}_{result['device_type']}.json"
     path.write_text(json.dumps(result, indent=1))
     return path

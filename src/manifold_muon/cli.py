@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="optimizer and whole-step time of AdamW, torch Muon, our Muon and Manifold Muon",
                        description="Time every optimizer configuration side by side (interleaved rounds) on the "
                                    "present device; print a table with ratios to AdamW and direction quality, "
-                                   "and save it as JSON. Extra --key=value are config overrides.")
+                                   "and save it as JSON. Extra --key=value are config overrides, e.g. --compile "
+                                   "(torch.compile the forward, as the paper) or --matmul_precision=high (TF32 "
+                                   "for the optimizer's float32 matmuls on GPUs).")
     b.add_argument("--preset", default="tiny-cpu", help="config preset (gpt2-small on a GPU is the paper's model)")
     b.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
                    help="comma-separated allocation presets to time (default: the paper's five)")
