@@ -10,6 +10,9 @@ def test_bench_rows_ratios_and_quality(tmp_path):
     assert list(rows) == ["adamw", "torch.optim.Muon", "muon (ours, newton-schulz)", "muon (ours, polar express)",
                           "hetero [paper]", "hetero [fast]", "hetero [improved]"]
     assert rows["adamw"]["step_ratio_vs_adamw"] == 1.0
+    # operations per optimizer step: Muon's msign adds to AdamW's, fast mode's solve to Muon's
+    ops = {name: r["optimizer_ops"] for name, r in rows.items()}
+    assert 0 < ops["adamw"] < ops["muon (ours, polar express)"] < ops["hetero [fast]"] < ops["hetero [paper]"]
     assert all(r["optimizer_ms"] > 0 and r["step_ms"] >= r["optimizer_ms"] for r in rows.values())
     assert rows["muon (ours, polar express)"]["alignment"] > 0.99   # msign of G is Muon's exact optimum
     assert rows["muon (ours, newton-schulz)"]["alignment"] < 0.99   # NS5 does not converge to msign, by design

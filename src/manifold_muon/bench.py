@@ -7,7 +7,9 @@ and every ratio is against AdamW's whole step measured in the same rounds.  Qual
 the mean alignment ``<G, A> / ||G||_*`` and the largest tangent violation of the last step,
 overall and per matrix group (attention / MLP), where it also gives the alignment of the
 direction made feasible (tangent, spectral norm 1): the fair comparison for paper mode.
-Absolute times mean something only on a GPU; on a CPU read the ratios.
+Absolute times mean something only on a GPU; on a CPU read the ratios.  "opt ops" counts the
+optimizer step's ATen operations other than views: on a GPU, kernel launches, whose host time
+(microseconds each) sets a floor under the step where it is not hidden behind device work.
 
 With the config's ``compile`` (``--compile``; the paper's setup, and what the 132 ms forward and
 backward of DESIGN.md section 8 was measured with) every configuration's forward goes through
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from .config import make_config
@@ -67,6 +70,20 @@ class _TorchMuon:
     def zero_grad(self, set_to_none=True):
         for o in self.opts:
             o.zero_grad(set_to_none=set_to_none)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that do work (views launch nothing): on a GPU each is a kernel
+    launch, some microseconds of host time that only overlapping with device work hides."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten._unsafe_view.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def synchronize(device: torch.device) -> None:
@@ -133,6 +150,11 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
     for s in setups:
+        with autocast:   # one more step, untimed, to count the optimizer's operations
+            s["forward"](x, y)[1].backward()
+        with _OpCounter() as counter:
+            s["opt"].step()
+        s["opt"].zero_grad(set_to_none=True)
         s["opt"].collect_stats = True
         one_step(s, timed=False)
         health = summarize_health(s["opt"].stats)
@@ -141,6 +163,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         rows.append({"config": s["label"], "optimizer_ms": statistics.median(s["opt_ms"]),
                      "step_ms": statistics.median(step),
                      "step_ratio_vs_adamw": statistics.median(a / b for a, b in zip(step, base_rounds)),
+                     "optimizer_ops": counter.count,
                      "alignment": statistics.mean(h["alignment_mean"] for h in health.values()) if health else None,
                      "violation_max": max((h["violation_end_max"] for h in managed), default=None),
                      "by_group": {group: {"manifold": h["manifold"], "alignment": h["alignment_mean"],
@@ -158,13 +181,14 @@ def format_bench(result: dict) -> str:
     head = (f"{result['preset']} on {result['device']} (torch {result['torch']}), {result['tokens_per_step']} tokens/step, "
             f"{forward} forward, float32 matmuls '{result.get('matmul_precision', 'highest')}', "
             f"median of {result['rounds']} interleaved rounds\n")
-    cols = f"{'config':28s} {'opt ms':>9s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} {'viol max':>9s}\n"
+    cols = (f"{'config':28s} {'opt ms':>9s} {'opt ops':>8s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} "
+            f"{'viol max':>9s}\n")
     body = ""
     for r in result["rows"]:
         align = f"{r['alignment']:.3f}" if r["alignment"] is not None else "-"
         viol = f"{r['violation_max']:.1e}" if r["violation_max"] is not None else "-"
-        body += (f"{r['config']:28s} {r['optimizer_ms']:9.1f} {r['step_ms']:9.1f} {r['step_ratio_vs_adamw']:11.3f} "
-                 f"{align:>7s} {viol:>9s}\n")
+        body += (f"{r['config']:28s} {r['optimizer_ms']:9.1f} {r.get('optimizer_ops', 0):8d} {r['step_ms']:9.1f} "
+                 f"{r['step_ratio_vs_adamw']:11.3f} {align:>7s} {viol:>9s}\n")
     groups = ""  # the quality columns per matrix group, for the constrained configurations
     for r in result["rows"]:
         for group, q in sorted(r.get("by_group", {}).items()):
