@@ -68,3 +68,19 @@ def test_bf16_emulation_times_both_paths_and_refuses_an_unknown_mode(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_emulation.py"), "--modes", "slow",
                            "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "valid choices: muon, fast, paper" in done.stderr
+
+
+def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
+    # scripts/gpu.sh first is the one prepared call of a 15-minute GPU session: it must not rot here
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_DRY": "1", "FIRST_S": "400"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu.sh"), "first"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "first: stopped or failed" not in done.stdout, done.stdout[-3000:]
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
+    assert [n.split("_", 2)[0] for n in names] == ["bench", "bench", "fast", "improved/bench"], names
+    precise, tf32 = (json.loads(p.read_text()) for p in sorted(tmp_path.glob("bench_*.json"), key=lambda p: "high" in p.name))
+    assert precise["compiled"] and precise["matmul_precision"] == "highest" and tf32["matmul_precision"] == "high"
+    assert {r["config"] for r in tf32["rows"]} >= {"hetero [fast]", "all-dgram [fast]"}
+    summary = done.stdout[done.stdout.index("summary (ms;"):]
+    assert "hetero [improved]" in summary and "fast direction + retraction" in summary
