@@ -27,6 +27,9 @@ def data_dir(tmp_path):
     folder.mkdir()
     stream[:18000].astype(np.uint16).tofile(folder / "train.bin")
     stream[18000:].astype(np.uint16).tofile(folder / "val.bin")
+    from manifold_muon.prepare import sha256_file
+    sums = {name: sha256_file(folder / name) for name in ("train.bin", "val.bin")}
+    (folder / "meta.json").write_text(json.dumps({"sha256": sums}))
     return folder
 
 
@@ -63,7 +66,9 @@ def test_run_writes_its_directory_and_learns(data_dir, tmp_path):
     row = read_jsonl(run / "metrics.jsonl")[-1]
     assert {"loss", "lr_adamw", "lr_muon", "step_ms", "tokens_per_s", "mfu", "grad_norm"} <= set(row)
     assert row["lr_muon"] / row["lr_adamw"] == pytest.approx(0.02 / 0.02)
-    assert summary["status"] == "completed" and json.loads((run / "env.json").read_text())["torch"] == torch.__version__
+    env = json.loads((run / "env.json").read_text())
+    assert summary["status"] == "completed" and env["torch"] == torch.__version__
+    assert env["data_sha256"] == json.loads((data_dir / "meta.json").read_text())["sha256"]   # which corpus
     # per-group gradient norms on diagnostic steps add up (in squares) to the step's global norm
     total = {r["iter"]: r["grad_norm"] for r in read_jsonl(run / "metrics.jsonl")}
     diags = [d for d in read_jsonl(run / "diagnostics.jsonl") if d.get("grad_norm")]

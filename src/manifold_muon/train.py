@@ -219,7 +219,9 @@ class Trainer:
             self.dir.mkdir(parents=True, exist_ok=True)
             unpack_run(self.dir)   # a packed run trained again appends to plain logs
             write_json(self.dir / "config.json", config_to_dict(cfg))
-            write_json(self.dir / "env.json", environment(self.device, self.world))
+            # which corpus: the token files' checksums from its meta.json (a rebuilt corpus differs)
+            write_json(self.dir / "env.json", {**environment(self.device, self.world),
+                                               "data_sha256": self.data.meta.get("sha256")})
             save_allocation(self.groups, self.dir / "allocation.json")
             if not cfg.quiet and not self.resumed:
                 print(f"model: {self.model.num_params() / 1e6:.2f}M parameters ({cfg.model.arch}, tied embedding)")
