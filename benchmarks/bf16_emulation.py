@@ -12,14 +12,13 @@ Usage: python benchmarks/bf16_emulation.py [--d 128] [--layers 4] [--modes muon,
 """
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from manifold_muon.bench import write_result
 from manifold_muon.model import GPT, ModelConfig
 from manifold_muon.optim import ManifoldMuon, precision, resolve
 
@@ -86,10 +85,8 @@ def main():
     print(f"{'config':8s} {'native bf16 ms':>15s} {'emulated ms':>12s} {'ratio':>7s}")
     for mode, row in result["rows"].items():
         print(f"{mode:8s} {row['native_ms']:15.1f} {row['emulated_ms']:12.1f} {row['native_over_emulated']:7.1f}")
-    path = Path(args.out) / f"bf16_emulation_{result['date']}_d{args.d}_cpu.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"saved: {path}")
+    name = f"bf16_emulation_{result['date']}_d{args.d}_cpu.json"
+    print(f"saved: {write_result(result, args.out, name)}")
 
 
 if __name__ == "__main__":

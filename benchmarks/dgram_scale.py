@@ -13,13 +13,12 @@ DGram attention's alignment fell as its sigma_max rose, and the growth stopped.
 Usage: python benchmarks/dgram_scale.py [--scales 0.3,1,2,4,8,16] [--shape 192x64] [--out DIR]
 """
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from manifold_muon.bench import write_result
 from manifold_muon.optim.dual import alignment, repaired_alignment, solve_direction
 from manifold_muon.optim.manifolds import DGram
 
@@ -58,11 +57,9 @@ def main() -> None:
         parser.error(f"--shape must be tall (m >= n), got {args.shape!r}")
     w, g = problem(m, n, args.momentum_norm, args.seed)
     rows = [{"scale": c, "mode": mode, **measure(w * c, g, mode)} for c in scales for mode in ("paper", "improved")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"dgram_scale_{time.strftime('%Y-%m-%d')}_{m}x{n}_cpu.json"
-    path.write_text(json.dumps({"shape": [m, n], "momentum_norm": args.momentum_norm, "seed": args.seed,
-                                "torch": torch.__version__, "machine": platform.machine(), "rows": rows}, indent=1))
+    path = write_result({"shape": [m, n], "momentum_norm": args.momentum_norm, "seed": args.seed,
+                         "torch": torch.__version__, "machine": platform.machine(), "rows": rows},
+                        args.out, f"dgram_scale_{time.strftime('%Y-%m-%d')}_{m}x{n}_cpu.json")
     print("column norm | paper: align / feasible / violation | improved: align / feasible / violation")
     for c in scales:
         p, i = (next(r for r in rows if r["scale"] == c and r["mode"] == mode) for mode in ("paper", "improved"))

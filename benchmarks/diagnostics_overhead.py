@@ -5,16 +5,15 @@ Runs the same configuration with diagnostics at the default interval and with th
 Usage: python benchmarks/diagnostics_overhead.py [--preset tiny-cpu] [--reps 3] [--key=value ...]
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from manifold_muon.bench import write_result
 from manifold_muon.config import make_config
 from manifold_muon.train import train
 
@@ -42,9 +41,8 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {"date": time.strftime("%Y-%m-%d"), "device": device, "preset": args.preset, "allocation": args.allocation,
               "overrides": overrides, "seconds_on": times["on"], "seconds_off": times["off"], "median_ratio": ratio}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = f"diagnostics_overhead_{result['date']}_{'gpu' if torch.cuda.is_available() else 'cpu'}.json"
-    (Path(args.out) / name).write_text(json.dumps(result, indent=1))
+    write_result(result, args.out,
+                 f"diagnostics_overhead_{result['date']}_{'gpu' if torch.cuda.is_available() else 'cpu'}.json")
     print(f"\nwhole-run time with/without diagnostics (median of {args.reps} interleaved pairs): {ratio:.4f} "
           f"({(ratio - 1) * 100:+.1f}%) on {device}")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from manifold_muon.bench import synchronize
+from manifold_muon.bench import synchronize, write_result
 from manifold_muon.config import config_from_dict, make_config
 from manifold_muon.diagnostics import module_group
 from manifold_muon.model import GPT
@@ -150,13 +150,11 @@ def main():
     lines = [head] + [f"{r['run']:28} {r['group']:9} {r['manifold']:8} {r['shape']:10} {r['setting']:18} {r['alignment']:6.3f} "
                       f"{r['violation']:8.1e} {r['repaired']:8.3f} {r['of_bound']:8.3f} {r['ms']:7.1f}" for r in table]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
-    path = out / f"direction_quality_{time.strftime('%Y-%m-%d')}{tag}_{device.type}.json"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": name,
-                                "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": table}, indent=1))
+    path = write_result({"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__,
+                         "threads": torch.get_num_threads(), "rows": table},
+                        args.out, f"direction_quality_{time.strftime('%Y-%m-%d')}{tag}_{device.type}.json")
     print(f"saved: {path}")
 
 

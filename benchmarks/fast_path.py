@@ -22,17 +22,15 @@ Every row is also given as a multiple of Muon's msign (Newton-Schulz, bf16).  On
 these ratios mean anything.  Usage: python benchmarks/fast_path.py [--d 384] [--layers 6]
 """
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from functools import partial
 
-from manifold_muon.bench import synchronize
+from manifold_muon.bench import synchronize, write_result
 from manifold_muon.optim import get_manifold, solve_direction
 from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimate  # _fast: the "before" row
 from manifold_muon.optim.manifolds import as_tall
@@ -144,10 +142,8 @@ def main():
         print(f"{'lever':54s} {'ms':>9s} {'x muon msign':>13s}")
         for name, row in result["rows"][manifold].items():
             print(f"{name:54s} {row['ms']:9.1f} {row['vs_muon']:13.2f}")
-    path = Path(args.out) / f"fast_path_{result['date']}_d{args.d}_{device.type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"\nsaved: {path}")
+    name = f"fast_path_{result['date']}_d{args.d}_{device.type}.json"
+    print(f"\nsaved: {write_result(result, args.out, name)}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from manifold_muon.bench import write_result
 from manifold_muon import ManifoldMuon, resolve
 from manifold_muon.model import GPT, ModelConfig
 
@@ -69,8 +70,7 @@ def main():
     base = result["optimizer_ms_median"][min(result["optimizer_ms_median"])]
     for world, ms in result["optimizer_ms_median"].items():
         print(f"  world {world}: {ms / base:.2f}x of world 1 (ideal {1 / world:.2f}x)")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"sharded_optimizer_{result['date']}_cpu.json").write_text(json.dumps(result, indent=1))
+    write_result(result, args.out, f"sharded_optimizer_{result['date']}_cpu.json")
 
 
 if __name__ == "__main__":

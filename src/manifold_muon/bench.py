@@ -34,7 +34,7 @@ from .model import GPT
 from .optim import ManifoldMuon, resolve
 from .optim.dual import DIRECTION_MODES
 
-__all__ = ["run_bench", "format_bench", "synchronize"]
+__all__ = ["run_bench", "format_bench", "save_bench", "synchronize", "write_result"]
 
 ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
 
@@ -201,10 +201,15 @@ def format_bench(result: dict) -> str:
     return head + cols + body + groups
 
 
-def save_bench(result: dict, out_dir="benchmarks/results") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "" if result.get("matmul_precision", "highest") == "highest" else f"_{result['matmul_precision']}"
-    path = out / f"bench_{result['date']}_{result['preset']}{tag}_{result['device_type']}.json"
+def write_result(result: dict, out_dir, name: str) -> Path:
+    """``result`` as indented JSON in ``out_dir/name`` (the folder made if missing): how the bench
+    and every script in ``benchmarks/`` save their numbers."""
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+def save_bench(result: dict, out_dir="benchmarks/results") -> Path:
+    tag = "" if result.get("matmul_precision", "highest") == "highest" else f"_{result['matmul_precision']}"
+    return write_result(result, out_dir, f"bench_{result['date']}_{result['preset']}{tag}_{result['device_type']}.json")
