@@ -126,7 +126,8 @@ out = Path(sys.argv[1])
 print("\nsummary (ms; step/adamw is the whole step against AdamW's, measured in the same rounds)")
 for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*.json")):
     r = json.loads(path.read_text())
-    print(f"{path.name}: {r['device']}, torch {r['torch']}, compiled {r['compiled']}, "
+    print(f"{path.name}: {r['device']}, torch {r['torch']}, compiled {r['compiled']} "
+          f"({r.get('compiled_graphs')} graphs for every model; more than 1: some recompiled), "
           f"matmuls '{r['matmul_precision']}'")
     for row in r["rows"]:
         align = "-" if row["alignment"] is None else f"{row['alignment']:.3f}"

@@ -116,8 +116,10 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.numerics_options(), **extra))
         forward = torch.compile(model) if cfg.compile else model   # the optimizer keeps the plain names
         setups.append({"label": label, "model": model, "forward": forward, "opt": opt, "fb": [], "opt_ms": []})
-    compile_error = None
+    compile_error, graphs = None, None
     if cfg.compile:
+        from torch._dynamo.utils import counters   # to check below that every model shares the graph
+        graphs_before = counters["stats"]["unique_graphs"]
         try:   # the first call compiles; the other models reuse its graph
             with autocast:
                 setups[0]["forward"](x, y)[1].backward()
@@ -147,6 +149,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     for r in tqdm(range(warmup + rounds), desc="bench rounds", unit="round", disable=not progress):
         for s in setups:  # interleaved rounds: drift in machine speed hits every config alike
             one_step(s, timed=r >= warmup)
+    if cfg.compile and compile_error is None:   # more than the first model's graphs: some recompiled
+        graphs = counters["stats"]["unique_graphs"] - graphs_before
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
     for s in setups:
@@ -172,6 +176,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
             "preset": preset, "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
+            "compiled_graphs": graphs,
             "matmul_precision": cfg.matmul_precision,
             "tokens_per_step": cfg.batch_size * cfg.model.block_size, "rounds": rounds, "rows": rows}
 

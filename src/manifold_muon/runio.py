@@ -41,9 +41,7 @@ def atomic_save(obj, path) -> None:
 
 
 def write_json(path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    _replace_file(Path(path), json.dumps(obj, indent=1).encode())
 
 
 def read_log_bytes(path) -> bytes | None:

@@ -20,8 +20,8 @@ low-precision work (the bf16 msign) is bf16 by dtype and unaffected by any of th
 
 bf16 work on a CPU without bf16 units (:func:`low_precision_compute`) is bf16 values in
 float32 arithmetic: there a bf16 matmul falls back to a scalar kernel, 75x slower than the
-float32 one on this project's 2-core AVX2 CPU, where rounding float32 products to bf16
-cost 1/30 of the bf16 matmul itself.
+float32 one on this project's 2-core AVX2 CPU, where the float32 product with its result
+rounded to bf16 took 1/30 of the bf16 product's time.
 """
 from __future__ import annotations
 
