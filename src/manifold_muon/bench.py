@@ -18,6 +18,7 @@ the bench says why and times the eager model instead, rather than losing the cal
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -116,35 +117,39 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.numerics_options(), **extra))
         forward = torch.compile(model) if cfg.compile else model   # the optimizer keeps the plain names
         setups.append({"label": label, "model": model, "forward": forward, "opt": opt, "fb": [], "opt_ms": []})
-    compile_error, graphs = None, None
-    if cfg.compile:
-        from torch._dynamo.utils import counters   # to check below that every model shares the graph
-        graphs_before = counters["stats"]["unique_graphs"]
-        try:   # the first call compiles; the other models reuse its graph
-            with autocast:
-                setups[0]["forward"](x, y)[1].backward()
-            setups[0]["opt"].zero_grad(set_to_none=True)
-        except Exception as e:  # noqa: BLE001 -- any compiler failure: time the eager model instead
-            compile_error = f"{type(e).__name__}: {str(e)[:300]}"
-            print(f"bench: torch.compile failed, timing the eager model ({compile_error})", flush=True)
-            for s in setups:
-                s["forward"] = s["model"]
 
-    def one_step(s, timed):
-        synchronize(dev)
-        t0 = time.perf_counter()
+    def forward_backward(s):
         with autocast:
             _, loss = s["forward"](x, y)
         loss.backward()
+
+    def one_step(s, timed, around_optimizer=None):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        forward_backward(s)
         synchronize(dev)
         t1 = time.perf_counter()
-        s["opt"].step()
+        with around_optimizer or contextlib.nullcontext():
+            s["opt"].step()
         synchronize(dev)
         t2 = time.perf_counter()
         s["opt"].zero_grad(set_to_none=True)
         if timed:
             s["fb"].append((t1 - t0) * 1e3)
             s["opt_ms"].append((t2 - t1) * 1e3)
+
+    compile_error, graphs = None, None
+    if cfg.compile:
+        from torch._dynamo.utils import counters   # to check below that every model shares the graph
+        graphs_before = counters["stats"]["unique_graphs"]
+        try:   # the first call compiles; the other models reuse its graph
+            forward_backward(setups[0])
+            setups[0]["opt"].zero_grad(set_to_none=True)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure: time the eager model instead
+            compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"bench: torch.compile failed, timing the eager model ({compile_error})", flush=True)
+            for s in setups:
+                s["forward"] = s["model"]
 
     for r in tqdm(range(warmup + rounds), desc="bench rounds", unit="round", disable=not progress):
         for s in setups:  # interleaved rounds: drift in machine speed hits every config alike
@@ -154,11 +159,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
     for s in setups:
-        with autocast:   # one more step, untimed, to count the optimizer's operations
-            s["forward"](x, y)[1].backward()
-        with _OpCounter() as counter:
-            s["opt"].step()
-        s["opt"].zero_grad(set_to_none=True)
+        counter = _OpCounter()   # one more step, untimed, to count the optimizer's operations
+        one_step(s, timed=False, around_optimizer=counter)
         s["opt"].collect_stats = True
         one_step(s, timed=False)
         health = summarize_health(s["opt"].stats)
