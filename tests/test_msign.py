@@ -140,12 +140,12 @@ def test_bf16_emulation_can_be_forced_and_a_bad_choice_is_named(monkeypatch):
     from manifold_muon.optim import precision
     for value, expected in (("native", True), ("emulated", False)):
         monkeypatch.setenv("MANIFOLD_MUON_BF16", value)
-        precision.native_bf16_matmul.cache_clear()
+        precision._probe_bf16_units.cache_clear()
         assert precision.native_bf16_matmul("cpu") is expected
     monkeypatch.setenv("MANIFOLD_MUON_BF16", "fast")
-    precision.native_bf16_matmul.cache_clear()
+    precision._probe_bf16_units.cache_clear()
     with pytest.raises(ValueError, match="'fast'; valid choices: native, emulated"):
         precision.native_bf16_matmul("cpu")
     monkeypatch.delenv("MANIFOLD_MUON_BF16")
-    precision.native_bf16_matmul.cache_clear()
+    precision._probe_bf16_units.cache_clear()
     assert precision.native_bf16_matmul("cuda") is True

@@ -134,6 +134,20 @@ def singular_values(a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return torch.linalg.eigvalsh(work.mT @ work).clamp(min=0).sqrt()
 
 
+_lanczos_starts: dict[tuple, torch.Tensor] = {}
+
+
+@torch.compiler.assume_constant_result   # a compiled step takes it as a constant, not a generator call
+def _lanczos_start(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Lanczos's start vector: a fixed unit Gaussian ``n x 1``, the same on every device, made
+    once per size (and so no host-to-device copy per call)."""
+    key = (n, dtype, device)
+    if key not in _lanczos_starts:
+        start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        _lanczos_starts[key] = (start / start.norm()).to(device)
+    return _lanczos_starts[key]
+
+
 def spectral_norm_estimate(a: torch.Tensor, iters: int = 16) -> torch.Tensor:
     """``||A||_2`` per matrix from ``iters`` Lanczos steps on the small Gram (float32, or float64).
 
@@ -150,17 +164,21 @@ def spectral_norm_estimate(a: torch.Tensor, iters: int = 16) -> torch.Tensor:
     work = at.to(work_dtype(at))
     gram = work.mT @ work
     n = gram.shape[-1]
-    start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=work.dtype)
-    basis = (start / start.norm()).to(work.device).expand(*gram.shape[:-2], n, 1)
+    k = min(iters, n)
+    # The basis has all k columns from the start, zero until filled: zero columns change no
+    # projection, and fixed shapes (no growing concatenation) are what torch.compile's CPU
+    # backend gets right (it miscompiled the concatenating form, torch 2.13).
+    column = torch.eye(k, dtype=work.dtype, device=work.device)   # column[j]: a one-hot row, a view
+    basis = (_lanczos_start(n, work.dtype, work.device) * column[0]).expand(*gram.shape[:-2], n, k)
     # A new vector this much smaller than the mean eigenvalue means the Krylov space is
     # invariant (e.g. Gram = I): it is dropped (zero) rather than normalising rounding noise.
     floor = 1e-5 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    for _ in range(min(iters, n) - 1):
-        v = gram @ basis[..., -1:]
+    for j in range(1, k):
+        v = gram @ basis[..., j - 1:j]
         for _ in range(2):
             v = v - basis @ (basis.mT @ v)
         norm = v.norm(dim=-2, keepdim=True)
-        basis = torch.cat([basis, torch.where(norm > floor, v / norm.clamp(min=1e-30), 0.0)], dim=-1)
+        basis = basis + torch.where(norm > floor, v / norm.clamp(min=1e-30), 0.0) * column[j]
     ritz = torch.linalg.eigvalsh(basis.mT @ gram @ basis)[..., -1]
     return ritz.clamp(min=0).sqrt().to(a.dtype)
 

@@ -80,7 +80,9 @@ def library_matmul_precision():
     """The library's public functions use this (as a decorator, ``@library_matmul_precision()``):
     IEEE float32 matmuls, or the level of an enclosing :func:`float32_matmul_precision` block.
     The choice is read at each call, not when the function is defined."""
-    if _chosen.get() is not None:   # inside a block, whose level is already set: nothing to do
+    # Inside a block, whose level is already set, there is nothing to do; nor inside a compiled
+    # optimizer step, which cannot change global settings: the optimizer sets them around it.
+    if torch.compiler.is_compiling() or _chosen.get() is not None:
         yield
         return
     with float32_matmul_precision("highest"):
@@ -97,12 +99,17 @@ def matmul_eps(dtype: torch.dtype, device: torch.device) -> float:
     return torch.finfo(dtype).eps
 
 
-@functools.cache
+@torch.compiler.assume_constant_result   # fixed per process: a compiled step reads it once, when tracing
 def native_bf16_matmul(device_type: str) -> bool:
     """Whether bf16 matmuls on ``device_type`` run on bf16-capable units.  GPUs: yes.  CPUs:
     what oneDNN reports (AVX-512 or Arm's bf16 instructions); elsewhere torch falls back to a
     scalar bf16 kernel.  Environment variable ``MANIFOLD_MUON_BF16=native|emulated``
     overrides the answer (read once per process), e.g. to compare the two paths."""
+    return _probe_bf16_units(device_type)
+
+
+@functools.cache
+def _probe_bf16_units(device_type: str) -> bool:
     forced = os.environ.get("MANIFOLD_MUON_BF16", "")
     if forced:
         if forced not in ("native", "emulated"):
