@@ -8,12 +8,13 @@
 #                                    (39 -> 15 MB), and a tqdm wheel; fails if the tree and the
 #                                    carry together would not fit in 64 MiB
 # There, with gpu-carry carried, one stage per call:
-#   bash scripts/gpu.sh first                       the session's first call (FIRST_S, default 420 s;
-#                                                   give the call timeout_s=480): issue 5's table at
+#   bash scripts/gpu.sh first                       the session's first call (FIRST_S, default 540 s;
+#                                                   give the call timeout_s=600): issue 5's table at
 #                                                   GPT-2 small, 65,536 tokens/step, compiled forward
-#                                                   (paper and fast mode), the levers at its shapes,
-#                                                   fast mode again with TF32, improved mode's price
-#                                                   (hetero, 16 iterations); a summary table last
+#                                                   (paper and fast mode), hetero and Muon again with
+#                                                   compiled directions beside eager ones, the levers
+#                                                   at its shapes, fast mode with TF32, improved mode's
+#                                                   price (hetero, 16 iterations); a summary table last
 #   bash scripts/gpu.sh bench [OVERRIDES]           the bench alone, e.g. --matmul_precision=high
 #   bash scripts/gpu.sh levers                      benchmarks/fast_path.py at GPT-2 small's shapes
 #   bash scripts/gpu.sh sweep MODES SEEDS [ALLOCS] [OVERRIDES]  gpt2-reduced runs, e.g.
@@ -38,7 +39,7 @@ OUT="${OUT:-out/gpu}"
 PYTHON="${PYTHON:-python3}"   # the GPU machine's python3 holds its PyTorch
 BUDGET_S="${BUDGET_S:-480}"   # the sweep stops here, leaving time to pack and measure what finished
 QUALITY_S="${QUALITY_S:-60}"  # direction quality on the finished runs' momenta
-FIRST_S="${FIRST_S:-420}"     # the whole `first` stage
+FIRST_S="${FIRST_S:-540}"     # the whole `first` stage
 RESULTS="${RESULTS:-results/gpt2-reduced}"
 LIMIT_MIB=62                  # the device takes 64 MiB of tree and carry; keep a margin
 
@@ -108,16 +109,20 @@ first_stage() {
     echo "first: ($cap s at most) $*"
     timeout "$cap" "$@" || echo "first: stopped or failed: $*"
   }
-  local preset=(--preset gpt2-small) levers=(--d 768 --layers 12 --rounds 5)
-  if [ -n "${GPU_DRY:-}" ]; then   # toy sizes, for the tests on a CPU
+  local preset=(--preset gpt2-small) levers=(--d 768 --layers 12 --rounds 5) compiled_allocations=hetero
+  if [ -n "${GPU_DRY:-}" ]; then   # toy sizes, for the tests on a CPU (whose compiler takes ~13 s a graph)
     preset=(--preset tiny-cpu --n_layer=1 --n_embd=32 --n_head=2 --block_size=16 --vocab_size=128 --batch_size=2)
     levers=(--d 16 --layers 1 --rounds 1)
+    compiled_allocations=unconstrained
   fi
+  # In order of what issue 5 needs most; each step gets what is left of FIRST_S
   run_for 240 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes paper,fast --rounds 5 --out "$OUT" --compile
+  run_for 150 "$PYTHON" -m manifold_muon bench "${preset[@]}" --allocations "$compiled_allocations" --modes fast \
+    --rounds 5 --out "$OUT" --compile --compile_optimizer
   run_for 60 "$PYTHON" benchmarks/fast_path.py "${levers[@]}" --out "$OUT"
-  run_for 120 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes fast --rounds 5 --out "$OUT" --compile \
+  run_for 90 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes fast --rounds 5 --out "$OUT" --compile \
     --matmul_precision=high
-  run_for 90 "$PYTHON" -m manifold_muon bench "${preset[@]}" --allocations hetero --modes improved --rounds 2 \
+  run_for 60 "$PYTHON" -m manifold_muon bench "${preset[@]}" --allocations hetero --modes improved --rounds 2 \
     --out "$OUT/improved" --compile --dual_steps=16
   "$PYTHON" - "$OUT" <<'EOF'
 import json, sys
@@ -128,10 +133,12 @@ for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*
     r = json.loads(path.read_text())
     print(f"{path.name}: {r['device']}, torch {r['torch']}, compiled {r['compiled']} "
           f"({r.get('compiled_graphs')} graphs for every model; more than 1: some recompiled), "
-          f"matmuls '{r['matmul_precision']}'")
+          f"matmuls '{r['matmul_precision']}'" + (f", optimizer compile errors {r['optimizer_compile_errors']}"
+                                                   if r.get("optimizer_compile_errors") else ""))
     for row in r["rows"]:
         align = "-" if row["alignment"] is None else f"{row['alignment']:.3f}"
-        print(f"  {row['config']:28s} opt {row['optimizer_ms']:8.1f}  step {row['step_ms']:8.1f}  "
+        ops = "-" if row.get("optimizer_ops") is None else row["optimizer_ops"]
+        print(f"  {row['config']:36s} opt {row['optimizer_ms']:8.1f} ({ops:>5} ops)  step {row['step_ms']:8.1f}  "
               f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  align {align}")
 for path in sorted(out.glob("fast_path_*.json")):
     r = json.loads(path.read_text())

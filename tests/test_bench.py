@@ -65,3 +65,18 @@ def test_bench_times_the_eager_model_when_compiling_fails(monkeypatch, capsys):
     assert result["compiled"] is False and "no compiler here" in result["compile_error"]
     assert "torch.compile failed" in capsys.readouterr().out
     assert "eager forward" in format_bench(result) and len(result["rows"]) == 5
+
+
+def test_bench_times_compiled_twins_of_muon_and_fast_mode_in_the_same_rounds():
+    result = run_bench("tiny-cpu", allocations=["unconstrained"], modes=["fast"], rounds=1, warmup=1,
+                       overrides={**TINY, "compile_optimizer": "true"}, progress=False)
+    rows = {r["config"]: r for r in result["rows"]}
+    twin = rows["muon (ours, polar express, compiled)"]
+    assert result["compiled_optimizer"] is True and result["optimizer_compile_errors"] == {}
+    assert twin["optimizer_ops"] is None and rows["muon (ours, polar express)"]["optimizer_ops"] > 0
+    assert twin["alignment"] > 0.99 and twin["optimizer_ms"] > 0   # statistics steps run eager: the same quality
+    line = next(ln for ln in format_bench(result).splitlines() if ln.startswith("muon (ours, polar express, compiled)"))
+    assert line.split()[6] == "-"   # opt ops: not counted for a compiled direction
+    from manifold_muon.bench import _configs
+    labels = [label for label, _, _ in _configs(["hetero"], ["paper", "fast"], compiled_twins=True)]
+    assert labels[-3:] == ["hetero [paper]", "hetero [fast]", "hetero [fast, compiled]"]

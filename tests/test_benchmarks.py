@@ -78,9 +78,12 @@ def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "first: stopped or failed" not in done.stdout, done.stdout[-3000:]
     names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
-    assert [n.split("_", 2)[0] for n in names] == ["bench", "bench", "fast", "improved/bench"], names
-    precise, tf32 = (json.loads(p.read_text()) for p in sorted(tmp_path.glob("bench_*.json"), key=lambda p: "high" in p.name))
+    assert [n.split("_", 2)[0] for n in names] == ["bench", "bench", "bench", "fast", "improved/bench"], names
+    precise, tf32, compiled_optimizer = (json.loads(p.read_text()) for p in sorted(
+        tmp_path.glob("bench_*.json"), key=lambda p: ("compiled-optimizer" in p.name, "high" in p.name)))
     assert precise["compiled"] and precise["matmul_precision"] == "highest" and tf32["matmul_precision"] == "high"
+    assert compiled_optimizer["compiled_optimizer"] and not compiled_optimizer["optimizer_compile_errors"]
     assert {r["config"] for r in tf32["rows"]} >= {"hetero [fast]", "all-dgram [fast]"}
     summary = done.stdout[done.stdout.index("summary (ms;"):]
     assert "hetero [improved]" in summary and "fast direction + retraction" in summary
+    assert "muon (ours, polar express, compiled)" in summary

@@ -50,15 +50,16 @@ def test_muon_group_matches_torch_muon_with_conventions_mapped(shape):
                                ref_opt.state[ref[0]]["momentum_buffer"], atol=1e-5, rtol=1e-4)
 
 
-def test_sum_style_nesterov_momentum_by_hand():
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sum_style_momentum_by_hand(nesterov):
     p = clone_params([(6, 4)])
-    opt = ManifoldMuon([{"params": p}], lr=0.1, momentum=0.9, msign_method="svd")
+    opt = ManifoldMuon([{"params": p}], lr=0.1, momentum=0.9, nesterov=nesterov, msign_method="svd")
     w0, beta, buf = p[0].detach().clone(), 0.9, torch.zeros(6, 4)
     for step in range(3):
         set_grads(p, step)
         g = p[0].grad.clone()
         buf = beta * buf + g
-        u, _, vt = torch.linalg.svd(g + beta * buf, full_matrices=False)
+        u, _, vt = torch.linalg.svd(g + beta * buf if nesterov else buf, full_matrices=False)
         w0 = w0 - 0.1 * (u @ vt)
         opt.step()
     torch.testing.assert_close(p[0].detach(), w0, atol=1e-5, rtol=0)

@@ -15,6 +15,11 @@ With the config's ``compile`` (``--compile``; the paper's setup, and what the 13
 backward of DESIGN.md section 8 was measured with) every configuration's forward goes through
 ``torch.compile``: the models share one compiled graph, so it compiles once.  If compiling fails
 the bench says why and times the eager model instead, rather than losing the call.
+
+With ``compile_optimizer`` (``--compile_optimizer``) our Muon and every fast-mode configuration
+get a twin whose direction goes through ``torch.compile`` (the ``compile`` group key), timed in
+the same rounds.  The first steps compile (the warm-up rounds absorb it); the quality columns
+come from a statistics step, which runs eager.
 """
 from __future__ import annotations
 
@@ -40,16 +45,23 @@ __all__ = ["run_bench", "format_bench", "save_bench", "synchronize", "write_resu
 ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
 
 
-def _configs(allocations, modes):
+def _configs(allocations, modes, compiled_twins: bool):
+    """(label, allocation, group overrides) per configuration; with ``compiled_twins`` each
+    configuration whose direction can compile (our Muon, fast mode) is followed by its twin
+    with ``compile=True``, so the two are timed in the same rounds."""
     yield "adamw", "baseline", {}
     yield "torch.optim.Muon", "torch-muon", {}
     # Our Muon with torch's math (Newton-Schulz 5, bf16), then with the paper's (Polar Express 10, bf16).
     yield "muon (ours, newton-schulz)", "unconstrained", {"msign_method": "newton_schulz"}
     yield "muon (ours, polar express)", "unconstrained", {}
+    if compiled_twins:
+        yield "muon (ours, polar express, compiled)", "unconstrained", {"compile": True}
     for alloc in allocations:
         if alloc != "unconstrained":
             for mode in modes:
                 yield f"{alloc} [{mode}]", alloc, {"mode": mode}
+                if compiled_twins and mode == "fast":
+                    yield f"{alloc} [fast, compiled]", alloc, {"mode": mode, "compile": True}
 
 
 class _TorchMuon:
@@ -107,7 +119,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     x = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
     y = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)
     setups = []
-    for label, alloc, extra in _configs(allocations, modes):
+    for label, alloc, extra in _configs(allocations, modes, cfg.compile_optimizer):
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model).to(dev)
         steps = cfg.dual_steps_for(extra.get("mode", "improved"))  # as in training
@@ -116,7 +128,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         else:
             opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.numerics_options(), **extra))
         forward = torch.compile(model) if cfg.compile else model   # the optimizer keeps the plain names
-        setups.append({"label": label, "model": model, "forward": forward, "opt": opt, "fb": [], "opt_ms": []})
+        setups.append({"label": label, "model": model, "forward": forward, "opt": opt, "fb": [], "opt_ms": [],
+                       "compiled_optimizer": extra.get("compile", False)})
 
     def forward_backward(s):
         with autocast:
@@ -159,7 +172,9 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
     for s in setups:
-        counter = _OpCounter()   # one more step, untimed, to count the optimizer's operations
+        # One more step, untimed, to count the optimizer's operations.  A compiled direction runs
+        # fused kernels, not ATen operations (and eager under the counter), so it is not counted.
+        counter = None if s["compiled_optimizer"] else _OpCounter()
         one_step(s, timed=False, around_optimizer=counter)
         s["opt"].collect_stats = True
         one_step(s, timed=False)
@@ -169,7 +184,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         rows.append({"config": s["label"], "optimizer_ms": statistics.median(s["opt_ms"]),
                      "step_ms": statistics.median(step),
                      "step_ratio_vs_adamw": statistics.median(a / b for a, b in zip(step, base_rounds)),
-                     "optimizer_ops": counter.count,
+                     "optimizer_ops": counter.count if counter else None,
                      "alignment": statistics.mean(h["alignment_mean"] for h in health.values()) if health else None,
                      "violation_max": max((h["violation_end_max"] for h in managed), default=None),
                      "by_group": {group: {"manifold": h["manifold"], "alignment": h["alignment_mean"],
@@ -178,7 +193,9 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
             "preset": preset, "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
-            "compiled_graphs": graphs,
+            "compiled_graphs": graphs, "compiled_optimizer": cfg.compile_optimizer,
+            "optimizer_compile_errors": {s["label"]: s["opt"].compile_error for s in setups
+                                         if getattr(s["opt"], "compile_error", None)},
             "matmul_precision": cfg.matmul_precision,
             "tokens_per_step": cfg.batch_size * cfg.model.block_size, "rounds": rounds, "rows": rows}
 
@@ -188,22 +205,23 @@ def format_bench(result: dict) -> str:
     head = (f"{result['preset']} on {result['device']} (torch {result['torch']}), {result['tokens_per_step']} tokens/step, "
             f"{forward} forward, float32 matmuls '{result.get('matmul_precision', 'highest')}', "
             f"median of {result['rounds']} interleaved rounds\n")
-    cols = (f"{'config':28s} {'opt ms':>9s} {'opt ops':>8s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} "
+    cols = (f"{'config':36s} {'opt ms':>9s} {'opt ops':>8s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} "
             f"{'viol max':>9s}\n")
     body = ""
     for r in result["rows"]:
         align = f"{r['alignment']:.3f}" if r["alignment"] is not None else "-"
         viol = f"{r['violation_max']:.1e}" if r["violation_max"] is not None else "-"
-        body += (f"{r['config']:28s} {r['optimizer_ms']:9.1f} {r.get('optimizer_ops', 0):8d} {r['step_ms']:9.1f} "
+        ops = r.get("optimizer_ops")
+        body += (f"{r['config']:36s} {r['optimizer_ms']:9.1f} {ops if ops is not None else '-':>8} {r['step_ms']:9.1f} "
                  f"{r['step_ratio_vs_adamw']:11.3f} {align:>7s} {viol:>9s}\n")
     groups = ""  # the quality columns per matrix group, for the constrained configurations
     for r in result["rows"]:
         for group, q in sorted(r.get("by_group", {}).items()):
             if q["manifold"] != "none":
-                groups += (f"{r['config']:28s} {group:10s} {q['manifold']:13s} {q['alignment']:7.3f} "
+                groups += (f"{r['config']:36s} {group:10s} {q['manifold']:13s} {q['alignment']:7.3f} "
                            f"{q['alignment_repaired']:9.3f} {q['violation_max']:9.1e}\n")
     if groups:  # repaired: made tangent and rescaled to norm 1, the fair comparison for paper mode
-        groups = (f"\n{'config':28s} {'group':10s} {'manifold':13s} {'align':>7s} {'repaired':>9s} "
+        groups = (f"\n{'config':36s} {'group':10s} {'manifold':13s} {'align':>7s} {'repaired':>9s} "
                   f"{'viol max':>9s}\n" + groups)
     return head + cols + body + groups
 
@@ -219,4 +237,5 @@ def write_result(result: dict, out_dir, name: str) -> Path:
 
 def save_bench(result: dict, out_dir="benchmarks/results") -> Path:
     tag = "" if result.get("matmul_precision", "highest") == "highest" else f"_{result['matmul_precision']}"
+    tag += "_compiled-optimizer" if result.get("compiled_optimizer") else ""
     return write_result(result, out_dir, f"bench_{result['date']}_{result['preset']}{tag}_{result['device_type']}.json")

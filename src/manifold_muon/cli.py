@@ -184,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time every optimizer configuration side by side (interleaved rounds) on the "
                                    "present device; print a table with ratios to AdamW and direction quality, "
                                    "and save it as JSON. Extra --key=value are config overrides, e.g. --compile "
-                                   "(torch.compile the forward, as the paper) or --matmul_precision=high (TF32 "
-                                   "for the optimizer's float32 matmuls on GPUs).")
+                                   "(torch.compile the forward, as the paper), --compile_optimizer (add a twin "
+                                   "of our Muon and of each fast-mode row whose direction is torch.compiled; the "
+                                   "first steps compile, some seconds per matrix shape) or --matmul_precision=high "
+                                   "(TF32 for the optimizer's float32 matmuls on GPUs).")
     b.add_argument("--preset", default="tiny-cpu", help="config preset (gpt2-small on a GPU is the paper's model)")
     b.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
                    help="comma-separated allocation presets to time (default: the paper's five)")

@@ -49,6 +49,7 @@ class TrainConfig:
     # device and speed
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     compile: bool = False
+    compile_optimizer: bool = False   # torch.compile the optimizer's direction (plain Muon, fast mode)
     # failure handling
     max_nonfinite: int = 10           # consecutive non-finite steps before the run stops
     # fault injection for tests (documented, off by default)

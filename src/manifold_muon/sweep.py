@@ -30,7 +30,8 @@ __all__ = ["run_sweep", "collect_results", "run_name", "pack_finished_runs"]
 
 FINISHED = ("completed", "early_termination")
 #: Overrides that change how runs are operated, not what they compute: a sweep directory may mix them.
-OPERATIONAL = frozenset({"fail_at_iter", "max_nonfinite", "quiet", "tensorboard", "device", "compile", "ckpt_interval"})
+OPERATIONAL = frozenset({"fail_at_iter", "max_nonfinite", "quiet", "tensorboard", "device", "compile", "compile_optimizer",
+                         "ckpt_interval"})
 
 
 def run_name(allocation: str, seed: int, mode: str | None = None) -> str:

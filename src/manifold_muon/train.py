@@ -66,7 +66,8 @@ def _mean_across_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
 def _param_groups(model, cfg: TrainConfig) -> list[dict]:
     """The allocation's groups with the run's learning rates and decay; ``base_lr`` is the peak."""
     groups = resolve(model, cfg.allocation, mode=cfg.mode, momentum=cfg.muon_momentum,
-                     dual_steps=cfg.dual_steps_for(cfg.mode), **cfg.numerics_options())
+                     dual_steps=cfg.dual_steps_for(cfg.mode), compile=cfg.compile_optimizer,
+                     **cfg.numerics_options())
     for g in groups:
         g["base_lr"] = g["lr"] = cfg.muon_lr if g["algorithm"] == "muon" else cfg.adamw_lr
         g["weight_decay"] = cfg.weight_decay if g.get("weight_decay", 0) > 0 else 0.0

@@ -32,6 +32,10 @@ key                 meaning
 ``matmul_precision`` the group's float32 matmuls: ``"highest"`` (IEEE, default, whatever the
                     caller set globally), ``"high"`` or ``"medium"`` (TF32 on GPUs: a speed
                     lever; see :mod:`manifold_muon.optim.precision`)
+``compile``         ``torch.compile`` the direction of plain Muon and of fast mode, one graph
+                    per stack shape (default False; paper and improved mode stop on
+                    data-dependent tests every iteration and stay eager, as do steps that
+                    collect statistics; if compiling fails the group warns once and runs eager)
 ``adjust_lr``       Muon lr shape scaling as ``torch.optim.Muon``'s ``adjust_lr_fn``:
                     ``None`` (the paper: none), ``"original"``, ``"match_rms_adamw"``
 ``betas``, ``eps``  AdamW
@@ -71,7 +75,9 @@ It costs a few small eigendecompositions, so collect it every N steps, not every
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
+from functools import cache
 
 import torch
 from torch.optim.adam import adam as _torch_adam
@@ -92,7 +98,7 @@ DEFAULTS = dict(
     algorithm="muon", manifold="none", lr=None, weight_decay=None, momentum=0.95, nesterov=True,
     mode="improved", dual_steps=None, dual_alpha=None, dual_tol=None, dual_form="matrix", carry_dual=True,
     msign_method="polar_express", msign_steps=None, msign_dtype=None, matmul_precision="highest",
-    adjust_lr=None, betas=(0.9, 0.95), eps=1e-8, transposed=False,
+    compile=False, adjust_lr=None, betas=(0.9, 0.95), eps=1e-8, transposed=False,
 )
 
 
@@ -134,6 +140,31 @@ def _fill_missing_keys(optimizer: "ManifoldMuon"):
             group.setdefault(key, value)
 
 
+def stack_direction(w, g, manifold, mode: str, msign_method: str, msign_steps, dtype) -> torch.Tensor:
+    """Plain Muon's direction ``msign(G)``, or the direction ``mode`` solves for on ``manifold``,
+    for one stack of same-shape matrices.  Pure: it is what a group's ``compile`` compiles."""
+    if manifold.has_dual:
+        return solve_direction(w, g, manifold, mode=mode, msign_method=msign_method, msign_steps=msign_steps,
+                               dtype=dtype).direction
+    return msign(g, msign_method, msign_steps, dtype=dtype)
+
+
+# Each stack shape, manifold and dtype is a graph of its own; a model has a few of each, and a
+# bench holds every allocation at once, so torch's default of 8 per function is too few.
+_COMPILED_GRAPHS_LIMIT = 64
+
+
+@cache
+def _compiled_stack_direction():
+    return torch.compile(stack_direction, dynamic=False)   # static shapes: each stack its own kernels
+
+
+def _compiles(group, manifold) -> bool:
+    """Whether the group's direction goes through torch.compile: asked for, and free of the
+    solvers' data-dependent stops (plain Muon, fast mode)."""
+    return bool(group["compile"]) and (not manifold.has_dual or group["mode"] == "fast")
+
+
 def _msign_dtype(group) -> torch.dtype:
     if group["msign_dtype"] is not None:
         return _DTYPES[group["msign_dtype"]]
@@ -153,6 +184,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             self.project_to_manifolds()
         self.collect_stats = False
         self.stats: dict[str, dict] = {}
+        self.compile_error: str | None = None   # why compiling failed, after which every group runs eager
 
     @staticmethod
     def _fill_algorithm_defaults(group):
@@ -167,6 +199,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         _check_choice("msign method", group["msign_method"], MSIGN_METHODS)
         _check_choice("msign dtype", group["msign_dtype"], (None, *_DTYPES))
         _check_choice("matmul precision", group["matmul_precision"], MATMUL_PRECISIONS)
+        _check_choice("compile", group["compile"], (False, True))
         check_dual_form(group["dual_form"], group["msign_method"])
         steps = group["msign_steps"]
         if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -243,13 +276,21 @@ class ManifoldMuon(torch.optim.Optimizer):
                 _oriented(p, group).copy_(manifold.retract(_oriented(p, group)))
 
     # ---- Muon and Manifold Muon ---------------------------------------------------------------
-    def _momentum_direction(self, group, p) -> torch.Tensor:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        return p.grad + group["momentum"] * buf if group["nesterov"] else buf.clone()
+    def _momentum_directions(self, group, batch) -> list[torch.Tensor]:
+        """Update the batch's momentum buffers and return each matrix's ``G``.  One foreach
+        operation per line for the whole batch: on a GPU a launch or two, not one per matrix."""
+        bufs = []
+        for p in batch:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        grads = [p.grad for p in batch]
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        if not group["nesterov"]:
+            return bufs   # the caller stacks them: a copy
+        return torch._foreach_add(torch._foreach_mul(bufs, group["momentum"]), grads)
 
     def _muon(self, group, params):
         manifold = get_manifold(group["manifold"])
@@ -260,14 +301,16 @@ class ManifoldMuon(torch.optim.Optimizer):
         rank, world_size = world()
         for batch in by_shape.values():
             # every rank updates every momentum buffer (grads are identical after DDP) ...
-            g_all = torch.stack([_oriented(self._momentum_direction(group, p), group) for p in batch])
+            g_all = torch.stack([_oriented(d, group) for d in self._momentum_directions(group, batch)])
             # ... and solves only its slice of the stack; an all_gather shares the results.
             mine = owned_indices(len(batch), rank, world_size)
             g = g_all[mine]
             w = torch.stack([_oriented(batch[i], group) for i in mine])
             scale = lr * _lr_scale(group["adjust_lr"], w.shape)
             result, duals = None, None
-            if manifold.has_dual:
+            if _compiles(group, manifold) and self.compile_error is None and not self.collect_stats:
+                a = self._compiled_direction(group, manifold, w, g)
+            elif manifold.has_dual:
                 carry = group["carry_dual"] and group["mode"] == "improved"
                 states = [self.state[batch[i]] for i in mine]
                 dual_init = torch.stack([st["dual"] for st in states]) if carry and "dual" in states[0] else None
@@ -280,7 +323,8 @@ class ManifoldMuon(torch.optim.Optimizer):
                 if carry:
                     duals = gather_slices(result.dual.to(w.dtype), len(batch), world_size)
             else:
-                a = msign(g, group["msign_method"], group["msign_steps"], dtype=_msign_dtype(group))
+                a = stack_direction(w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"],
+                                    _msign_dtype(group))
             # Out of place: the solve's result keeps this w (DirectionResult.weight) for its statistics.
             if wd:
                 w = w * (1 - lr * wd)
@@ -290,10 +334,21 @@ class ManifoldMuon(torch.optim.Optimizer):
             if self.collect_stats:  # before the gather: each rank reports the matrices it solved
                 self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result)
             w_all = gather_slices(w, len(batch), world_size)
-            for i, p in enumerate(batch):
-                _oriented(p, group).copy_(w_all[i])
-                if duals is not None:
-                    self.state[p]["dual"] = duals[i]
+            torch._foreach_copy_([_oriented(p, group) for p in batch], list(w_all.unbind(0)))
+            if duals is not None:
+                for p, dual in zip(batch, duals):
+                    self.state[p]["dual"] = dual
+
+    def _compiled_direction(self, group, manifold, w, g) -> torch.Tensor:
+        args = (w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"], _msign_dtype(group))
+        try:
+            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS_LIMIT):
+                return _compiled_stack_direction()(*args)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure: warn once, then run eager
+            self.compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+            warnings.warn(f"ManifoldMuon: torch.compile of the direction failed, running eager from now on "
+                          f"({self.compile_error})", RuntimeWarning, stacklevel=3)
+            return stack_direction(*args)   # a genuine error (e.g. out of memory) raises here
 
     def _record_stats(self, group, batch, manifold, g, a, w, result):
         names = dict(zip(map(id, group["params"]), group.get("names", [])))
