@@ -73,6 +73,7 @@ def test_bench_times_compiled_twins_of_muon_and_fast_mode_in_the_same_rounds():
     rows = {r["config"]: r for r in result["rows"]}
     twin = rows["muon (ours, polar express, compiled)"]
     assert result["compiled_optimizer"] is True and result["optimizer_compile_errors"] == {}
+    assert result["overrides"]["compile_optimizer"] == "true"   # the JSON says how it was run
     assert twin["optimizer_ops"] is None and rows["muon (ours, polar express)"]["optimizer_ops"] > 0
     assert twin["alignment"] > 0.99 and twin["optimizer_ms"] > 0   # statistics steps run eager: the same quality
     line = next(ln for ln in format_bench(result).splitlines() if ln.startswith("muon (ours, polar express, compiled)"))

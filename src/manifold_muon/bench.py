@@ -192,7 +192,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
                                           "violation_max": h["violation_end_max"]} for group, h in health.items()}})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
-            "preset": preset, "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
+            "preset": preset, "overrides": dict(overrides or {}), "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
             "compiled_graphs": graphs, "compiled_optimizer": cfg.compile_optimizer,
             "optimizer_compile_errors": {s["label"]: s["opt"].compile_error for s in setups
                                          if getattr(s["opt"], "compile_error", None)},

@@ -151,7 +151,9 @@ def stack_direction(w, g, manifold, mode: str, msign_method: str, msign_steps, d
 
 # Each stack shape, manifold and dtype is a graph of its own; a model has a few of each, and a
 # bench holds every allocation at once, so torch's default of 8 per function is too few.
-_COMPILED_GRAPHS_LIMIT = 64
+# (torch renamed the setting; older releases call it cache_size_limit.)
+_COMPILED_GRAPHS_LIMIT = {("recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
+                           else "cache_size_limit"): 64}
 
 
 @cache
@@ -342,7 +344,9 @@ class ManifoldMuon(torch.optim.Optimizer):
     def _compiled_direction(self, group, manifold, w, g) -> torch.Tensor:
         args = (w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"], _msign_dtype(group))
         try:
-            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS_LIMIT):
+            with torch._dynamo.config.patch(**_COMPILED_GRAPHS_LIMIT), warnings.catch_warnings():
+                # torch's compiler warns about its own internals (torch 2.13): nothing a user can act on
+                warnings.filterwarnings("ignore", message=".*torch._prims_common.check", category=FutureWarning)
                 return _compiled_stack_direction()(*args)
         except Exception as e:  # noqa: BLE001 -- any compiler failure: warn once, then run eager
             self.compile_error = f"{type(e).__name__}: {str(e)[:300]}"
