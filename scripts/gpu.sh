@@ -132,14 +132,17 @@ print("\nsummary (ms; step/adamw is the whole step against AdamW's, measured in 
 for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*.json")):
     r = json.loads(path.read_text())
     print(f"{path.name}: {r['device']}, torch {r['torch']}, compiled {r['compiled']} "
-          f"({r.get('compiled_graphs')} graphs for every model; more than 1: some recompiled), "
+          f"({r.get('compiled_graphs')} graphs for every model; more than 1: some recompiled; "
+          f"{r.get('optimizer_graphs', 0)} for compiled directions), "
           f"matmuls '{r['matmul_precision']}'" + (f", optimizer compile errors {r['optimizer_compile_errors']}"
                                                    if r.get("optimizer_compile_errors") else ""))
     for row in r["rows"]:
         align = "-" if row["alignment"] is None else f"{row['alignment']:.3f}"
         ops = "-" if row.get("optimizer_ops") is None else row["optimizer_ops"]
+        gap = ("" if row.get("compiled_alignment_gap_max") is None
+               else f"  align vs eager {row['compiled_alignment_gap_max']:.1e}")
         print(f"  {row['config']:36s} opt {row['optimizer_ms']:8.1f} ({ops:>5} ops)  step {row['step_ms']:8.1f}  "
-              f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  align {align}")
+              f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  align {align}{gap}")
 for path in sorted(out.glob("fast_path_*.json")):
     r = json.loads(path.read_text())
     for manifold, rows in r["rows"].items():

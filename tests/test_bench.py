@@ -74,8 +74,13 @@ def test_bench_times_compiled_twins_of_muon_and_fast_mode_in_the_same_rounds():
     twin = rows["muon (ours, polar express, compiled)"]
     assert result["compiled_optimizer"] is True and result["optimizer_compile_errors"] == {}
     assert result["overrides"]["compile_optimizer"] == "true"   # the JSON says how it was run
+    assert result["optimizer_graphs"] == 4   # one per stack shape of the tiny GPT's Muon matrices
     assert twin["optimizer_ops"] is None and rows["muon (ours, polar express)"]["optimizer_ops"] > 0
     assert twin["alignment"] > 0.99 and twin["optimizer_ms"] > 0   # statistics steps run eager: the same quality
+    # ... beside the compiled graph: bf16 emulated eager against the compiler's float32 here
+    assert 0 < twin["compiled_alignment_gap_max"] < 0.01
+    assert rows["muon (ours, polar express)"]["compiled_alignment_gap_max"] is None
+    assert "compiled direction against eager" in format_bench(result)
     line = next(ln for ln in format_bench(result).splitlines() if ln.startswith("muon (ours, polar express, compiled)"))
     assert line.split()[6] == "-"   # opt ops: not counted for a compiled direction
     from manifold_muon.bench import _configs

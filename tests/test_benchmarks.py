@@ -83,6 +83,7 @@ def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
         tmp_path.glob("bench_*.json"), key=lambda p: ("compiled-optimizer" in p.name, "high" in p.name)))
     assert precise["compiled"] and precise["matmul_precision"] == "highest" and tf32["matmul_precision"] == "high"
     assert compiled_optimizer["compiled_optimizer"] and not compiled_optimizer["optimizer_compile_errors"]
+    assert compiled_optimizer["compiled_graphs"] == 1 and compiled_optimizer["optimizer_graphs"] == 4
     assert {r["config"] for r in tf32["rows"]} >= {"hetero [fast]", "all-dgram [fast]"}
     summary = done.stdout[done.stdout.index("summary (ms;"):]
     assert "hetero [improved]" in summary and "fast direction + retraction" in summary

@@ -71,9 +71,22 @@ def test_compile_leaves_the_iterative_solvers_and_statistics_steps_eager(monkeyp
     assert calls == []
     _, opt = _stepped(lambda params: [{"params": params, "manifold": "dgram", "mode": "fast", "compile": True}], steps=1)
     assert calls == ["fast", "fast"]   # two stacks: (48, 32) and (32, 32)
-    opt.collect_stats = True   # statistics need the solve's details: eager
+    opt.collect_stats = True   # statistics need the solve's details: eager, and the compiled graph beside it
     opt.step()
-    assert calls == ["fast", "fast"] and len(opt.stats) == 4
+    assert calls == ["fast"] * 4 and len(opt.stats) == 4
+    assert all(s["compiled_alignment_gap"] == 0.0 for s in opt.stats.values())   # here "compiled" is eager
+
+
+def test_statistics_steps_measure_the_compiled_directions_gap_from_eager(monkeypatch):
+    def miscompiled():   # what a compiler bug looks like: a wrong direction, no error
+        return lambda *args: 2 * optimizer_module.stack_direction(*args)
+    _, opt = _stepped(_fast_and_muon(True), steps=1)
+    opt.collect_stats = True
+    opt.step()
+    assert all(abs(s["compiled_alignment_gap"]) < 1e-6 for s in opt.stats.values())   # float32: the same
+    monkeypatch.setattr(optimizer_module, "_compiled_stack_direction", miscompiled)
+    opt.step()   # twice the direction: twice the alignment
+    assert all(abs(s["compiled_alignment_gap"] - s["alignment"]) < 1e-6 for s in opt.stats.values())
 
 
 def test_compile_must_be_a_bool():

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters   # graphs compiled, to tell the forward's from the optimizer's
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
@@ -136,14 +137,18 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             _, loss = s["forward"](x, y)
         loss.backward()
 
+    optimizer_graphs = [0]   # compiled by the optimizer steps (compiled directions), not the forward
+
     def one_step(s, timed, around_optimizer=None):
         synchronize(dev)
         t0 = time.perf_counter()
         forward_backward(s)
         synchronize(dev)
         t1 = time.perf_counter()
+        graphs = counters["stats"]["unique_graphs"]
         with around_optimizer or contextlib.nullcontext():
             s["opt"].step()
+        optimizer_graphs[0] += counters["stats"]["unique_graphs"] - graphs
         synchronize(dev)
         t2 = time.perf_counter()
         s["opt"].zero_grad(set_to_none=True)
@@ -153,7 +158,6 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
 
     compile_error, graphs = None, None
     if cfg.compile:
-        from torch._dynamo.utils import counters   # to check below that every model shares the graph
         graphs_before = counters["stats"]["unique_graphs"]
         try:   # the first call compiles; the other models reuse its graph
             forward_backward(setups[0])
@@ -168,7 +172,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         for s in setups:  # interleaved rounds: drift in machine speed hits every config alike
             one_step(s, timed=r >= warmup)
     if cfg.compile and compile_error is None:   # more than the first model's graphs: some recompiled
-        graphs = counters["stats"]["unique_graphs"] - graphs_before
+        graphs = counters["stats"]["unique_graphs"] - graphs_before - optimizer_graphs[0]
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
     for s in setups:
@@ -187,6 +191,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
                      "optimizer_ops": counter.count if counter else None,
                      "alignment": statistics.mean(h["alignment_mean"] for h in health.values()) if health else None,
                      "violation_max": max((h["violation_end_max"] for h in managed), default=None),
+                     "compiled_alignment_gap_max": max((h["compiled_alignment_gap_max"] for h in health.values()
+                                                        if "compiled_alignment_gap_max" in h), default=None),
                      "by_group": {group: {"manifold": h["manifold"], "alignment": h["alignment_mean"],
                                           "alignment_repaired": h["alignment_repaired_mean"],
                                           "violation_max": h["violation_end_max"]} for group, h in health.items()}})
@@ -194,6 +200,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
             "preset": preset, "overrides": dict(overrides or {}), "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
             "compiled_graphs": graphs, "compiled_optimizer": cfg.compile_optimizer,
+            "optimizer_graphs": optimizer_graphs[0],
             "optimizer_compile_errors": {s["label"]: s["opt"].compile_error for s in setups
                                          if getattr(s["opt"], "compile_error", None)},
             "matmul_precision": cfg.matmul_precision,
@@ -223,7 +230,11 @@ def format_bench(result: dict) -> str:
     if groups:  # repaired: made tangent and rescaled to norm 1, the fair comparison for paper mode
         groups = (f"\n{'config':36s} {'group':10s} {'manifold':13s} {'align':>7s} {'repaired':>9s} "
                   f"{'viol max':>9s}\n" + groups)
-    return head + cols + body + groups
+    gaps = "".join(f"  {r['config']}: {r['compiled_alignment_gap_max']:.1e}\n" for r in result["rows"]
+                   if r.get("compiled_alignment_gap_max") is not None)
+    if gaps:  # rounding moves it by about 1e-3 or less; a miscompiled graph, by tenths
+        gaps = "\ncompiled direction against eager, largest change of alignment over matrices:\n" + gaps
+    return head + cols + body + groups + gaps
 
 
 def write_result(result: dict, out_dir, name: str) -> Path:

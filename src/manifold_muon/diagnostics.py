@@ -152,7 +152,8 @@ def attention_mechanics(model, idx: torch.Tensor) -> list[dict]:
 
 def summarize_health(stats: dict[str, dict]) -> dict[str, dict]:
     """Optimizer health per (group, manifold): mean alignment (as returned and made feasible),
-    max violations and residual."""
+    max violations and residual, and how far compiling moved the alignment where the group
+    compiles."""
     out: dict[str, dict] = {}
     for name, s in stats.items():
         key = module_group(name)
@@ -166,4 +167,7 @@ def summarize_health(stats: dict[str, dict]) -> dict[str, dict]:
         agg["alignment_repaired_mean"] += (s["alignment_repaired"] - agg["alignment_repaired_mean"]) / agg["n"]
         for k in ("violation_start", "violation_end", "residual", "momentum_norm"):
             agg[f"{k}_max"] = max(agg[f"{k}_max"], s[k])
+        if "compiled_alignment_gap" in s:   # groups that compile their direction: the largest change
+            agg["compiled_alignment_gap_max"] = max(agg.get("compiled_alignment_gap_max", 0.0),
+                                                    abs(s["compiled_alignment_gap"]))
     return out

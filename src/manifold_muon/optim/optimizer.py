@@ -69,7 +69,9 @@ Health statistics: set ``opt.collect_stats = True`` before a step and ``opt.stat
 per Muon-managed matrix (keyed by its name when the group has ``names``), the tangent
 violation of the warm start and of the final direction, the alignment
 ``<G, A> / ||G||_*`` as returned and made feasible (``dual.repaired_alignment``), the
-momentum's spectral norm and the manifold residual after the step.
+momentum's spectral norm and the manifold residual after the step, and for a group that
+compiles (``compile``), ``compiled_alignment_gap``: the alignment of its compiled direction minus
+that of the eager one the statistics step solved, so a miscompiled graph shows in training logs.
 It costs a few small eigendecompositions, so collect it every N steps, not every step.
 """
 from __future__ import annotations
@@ -327,6 +329,9 @@ class ManifoldMuon(torch.optim.Optimizer):
             else:
                 a = stack_direction(w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"],
                                     _msign_dtype(group))
+            # A statistics step solves eager; a compiling group also checks its compiled graph there.
+            compiled_gap = (self._compiled_gap(group, manifold, w, g, a) if self.collect_stats
+                            and _compiles(group, manifold) and self.compile_error is None else None)
             # Out of place: the solve's result keeps this w (DirectionResult.weight) for its statistics.
             if wd:
                 w = w * (1 - lr * wd)
@@ -334,7 +339,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             if manifold.name != "none":
                 w = manifold.retract(w)
             if self.collect_stats:  # before the gather: each rank reports the matrices it solved
-                self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result)
+                self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result, compiled_gap)
             w_all = gather_slices(w, len(batch), world_size)
             torch._foreach_copy_([_oriented(p, group) for p in batch], list(w_all.unbind(0)))
             if duals is not None:
@@ -354,7 +359,13 @@ class ManifoldMuon(torch.optim.Optimizer):
                           f"({self.compile_error})", RuntimeWarning, stacklevel=3)
             return stack_direction(*args)   # a genuine error (e.g. out of memory) raises here
 
-    def _record_stats(self, group, batch, manifold, g, a, w, result):
+    def _compiled_gap(self, group, manifold, w, g, a) -> torch.Tensor:
+        """Alignment of the compiled direction minus that of the eager one, per matrix: what
+        compiling changed, in the unit that matters (elementwise gaps mislead where G has tiny
+        singular values, whose msign rounding decides).  A miscompiled graph moves it by tenths."""
+        return alignment(g, self._compiled_direction(group, manifold, w, g)) - alignment(g, a)
+
+    def _record_stats(self, group, batch, manifold, g, a, w, result, compiled_gap=None):
         names = dict(zip(map(id, group["params"]), group.get("names", [])))
         align = alignment(g, a)
         # made feasible (tangent, norm 1): comparable across modes, paper mode's included
@@ -367,3 +378,5 @@ class ManifoldMuon(torch.optim.Optimizer):
                 "alignment_repaired": repaired[i].item(), "residual": residual[i].item(),
                 "violation_start": result.violation_start[i].item() if result is not None else 0.0,
                 "violation_end": result.violation_end[i].item() if result is not None else 0.0}
+            if compiled_gap is not None:
+                self.stats[names.get(id(p), f"param{id(p)}")]["compiled_alignment_gap"] = compiled_gap[i].item()
