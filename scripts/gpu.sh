@@ -107,7 +107,8 @@ first_stage() {
     [ "$left" -lt "$cap" ] && cap=$left
     if [ "$cap" -lt 30 ]; then echo "first: no time left for: $*"; return 0; fi
     echo "first: ($cap s at most) $*"
-    timeout "$cap" "$@" || echo "first: stopped or failed: $*"
+    # SIGTERM at the cap: a bench saves the rounds it measured (exit 124); KILL 30 s later if it hangs
+    timeout -k 30 "$cap" "$@" || echo "first: stopped or failed: $*"
   }
   local preset=(--preset gpt2-small) levers=(--d 768 --layers 12 --rounds 5) compiled_allocations=hetero
   if [ -n "${GPU_DRY:-}" ]; then   # toy sizes, for the tests on a CPU (whose compiler takes ~13 s a graph)

@@ -86,3 +86,43 @@ def test_bench_times_compiled_twins_of_muon_and_fast_mode_in_the_same_rounds():
     from manifold_muon.bench import _configs
     labels = [label for label, _, _ in _configs(["hetero"], ["paper", "fast"], compiled_twins=True)]
     assert labels[-3:] == ["hetero [paper]", "hetero [fast]", "hetero [fast, compiled]"]
+
+
+def _sigterm_at_synchronisation(monkeypatch, n):
+    import os
+    import signal
+    from manifold_muon import bench
+    calls = []
+
+    def synchronize_then_term(device):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(bench, "synchronize", synchronize_then_term)
+
+
+def test_a_bench_stopped_by_sigterm_keeps_the_rounds_it_measured(monkeypatch):
+    import signal
+    _sigterm_at_synchronisation(monkeypatch, 30)   # inside the third round
+    result = run_bench("tiny-cpu", allocations=["unconstrained"], rounds=5, warmup=1, overrides=TINY, progress=False)
+    assert result["stopped"] == f"stopped by signal {int(signal.SIGTERM)}"
+    # 4 configurations x 3 synchronisations a step: cut in round 3 (the 2nd timed), at its 2nd configuration
+    assert result["rounds"] == 2
+    assert [r["config"] for r in result["rows"]][:2] == ["adamw", "torch.optim.Muon"]
+    assert all(r["optimizer_ms"] > 0 and r["optimizer_ops"] is None and r["alignment"] is None
+               for r in result["rows"])
+    assert "cut short (stopped by signal" in format_bench(result)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is put back
+
+
+def test_the_bench_command_saves_a_cut_short_table_and_exits_as_timeout_does(monkeypatch, tmp_path, capsys):
+    import json
+    import pytest
+    from manifold_muon.cli import main
+    _sigterm_at_synchronisation(monkeypatch, 30)
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--allocations", "unconstrained", "--rounds", "5", "--out", str(tmp_path)]
+             + [f"--{k}={v}" for k, v in TINY.items()])
+    assert stop.value.code == 124
+    saved = json.loads(next(tmp_path.glob("bench_*.json")).read_text())
+    assert saved["stopped"] and saved["rounds"] == 1 and "cut short" in capsys.readouterr().out   # 2 warm-up rounds

@@ -14,7 +14,9 @@ optimizer step's ATen operations other than views: on a GPU, kernel launches, wh
 With the config's ``compile`` (``--compile``; the paper's setup, and what the 132 ms forward and
 backward of DESIGN.md section 8 was measured with) every configuration's forward goes through
 ``torch.compile``: the models share one compiled graph, so it compiles once.  If compiling fails
-the bench says why and times the eager model instead, rather than losing the call.
+the bench says why and times the eager model instead, rather than losing the call.  Stopped by
+SIGTERM during its rounds (``timeout``), it returns the rounds measured so far, without the
+operation counts and quality columns, and the result says so (``stopped``).
 
 With ``compile_optimizer`` (``--compile_optimizer``) our Muon and every fast-mode configuration
 get a twin whose direction goes through ``torch.compile`` (the ``compile`` group key), timed in
@@ -26,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +104,28 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _Stopped(Exception):
+    """A SIGTERM during the rounds (what ``timeout`` and job schedulers send)."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_rounds():
+    """Turn SIGTERM into :class:`_Stopped`, so a bench cut short keeps the rounds it measured
+    (on a lent GPU an unfinished table is worth more than none).  Main thread only: signal
+    handlers cannot be set elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Stopped(f"stopped by signal {signum}")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for ``device``'s queued work, so a wall-clock timer measures it (a no-op on CPUs).
     The benchmark scripts time with it too."""
@@ -168,21 +194,29 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             for s in setups:
                 s["forward"] = s["model"]
 
-    for r in tqdm(range(warmup + rounds), desc="bench rounds", unit="round", disable=not progress):
-        for s in setups:  # interleaved rounds: drift in machine speed hits every config alike
-            one_step(s, timed=r >= warmup)
+    stopped = None
+    with _sigterm_stops_the_rounds():
+        try:
+            for r in tqdm(range(warmup + rounds), desc="bench rounds", unit="round", disable=not progress):
+                for s in setups:  # interleaved rounds: drift in machine speed hits every config alike
+                    one_step(s, timed=r >= warmup)
+        except _Stopped as e:   # keep what was measured; no more steps (counts, quality)
+            stopped = str(e)
+            print(f"bench: {stopped}; keeping the {len(setups[0]['fb'])} timed rounds measured", flush=True)
     if cfg.compile and compile_error is None:   # more than the first model's graphs: some recompiled
         graphs = counters["stats"]["unique_graphs"] - graphs_before - optimizer_graphs[0]
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
-    for s in setups:
-        # One more step, untimed, to count the optimizer's operations.  A compiled direction runs
-        # fused kernels, not ATen operations (and eager under the counter), so it is not counted.
-        counter = None if s["compiled_optimizer"] else _OpCounter()
-        one_step(s, timed=False, around_optimizer=counter)
-        s["opt"].collect_stats = True
-        one_step(s, timed=False)
-        health = summarize_health(s["opt"].stats)
+    for s in (s for s in setups if s["opt_ms"]):
+        counter, health = None, {}
+        if not stopped:
+            # One more step, untimed, to count the optimizer's operations.  A compiled direction runs
+            # fused kernels, not ATen operations (and eager under the counter), so it is not counted.
+            counter = None if s["compiled_optimizer"] else _OpCounter()
+            one_step(s, timed=False, around_optimizer=counter)
+            s["opt"].collect_stats = True
+            one_step(s, timed=False)
+            health = summarize_health(s["opt"].stats)
         managed = [h for h in health.values() if h["manifold"] != "none"]
         step = [f + o for f, o in zip(s["fb"], s["opt_ms"])]
         rows.append({"config": s["label"], "optimizer_ms": statistics.median(s["opt_ms"]),
@@ -198,13 +232,13 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
                                           "violation_max": h["violation_end_max"]} for group, h in health.items()}})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
-            "preset": preset, "overrides": dict(overrides or {}), "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
+            "preset": preset, "overrides": dict(overrides or {}), "stopped": stopped, "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
             "compiled_graphs": graphs, "compiled_optimizer": cfg.compile_optimizer,
             "optimizer_graphs": optimizer_graphs[0],
             "optimizer_compile_errors": {s["label"]: s["opt"].compile_error for s in setups
                                          if getattr(s["opt"], "compile_error", None)},
             "matmul_precision": cfg.matmul_precision,
-            "tokens_per_step": cfg.batch_size * cfg.model.block_size, "rounds": rounds, "rows": rows}
+            "tokens_per_step": cfg.batch_size * cfg.model.block_size, "rounds": len(setups[0]["opt_ms"]), "rows": rows}
 
 
 def format_bench(result: dict) -> str:
@@ -212,6 +246,8 @@ def format_bench(result: dict) -> str:
     head = (f"{result['preset']} on {result['device']} (torch {result['torch']}), {result['tokens_per_step']} tokens/step, "
             f"{forward} forward, float32 matmuls '{result.get('matmul_precision', 'highest')}', "
             f"median of {result['rounds']} interleaved rounds\n")
+    if result.get("stopped"):
+        head += f"cut short ({result['stopped']}): no operation counts or quality columns\n"
     cols = (f"{'config':36s} {'opt ms':>9s} {'opt ops':>8s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} "
             f"{'viol max':>9s}\n")
     body = ""

@@ -137,6 +137,8 @@ def _bench(args, extra) -> None:
     path = save_bench(result, args.out)
     print(format_bench(result))
     print(f"saved: {path}")
+    if result["stopped"]:   # saved, but cut short: exit as timeout(1) reports a timed-out command
+        raise SystemExit(124)
 
 
 def build_parser() -> argparse.ArgumentParser:
