@@ -91,6 +91,7 @@ def test_bench_times_compiled_twins_of_muon_and_fast_mode_in_the_same_rounds():
 def _sigterm_at_synchronisation(monkeypatch, n):
     import os
     import signal
+
     from manifold_muon import bench
     calls = []
 
@@ -117,7 +118,9 @@ def test_a_bench_stopped_by_sigterm_keeps_the_rounds_it_measured(monkeypatch):
 
 def test_the_bench_command_saves_a_cut_short_table_and_exits_as_timeout_does(monkeypatch, tmp_path, capsys):
     import json
+
     import pytest
+
     from manifold_muon.cli import main
     _sigterm_at_synchronisation(monkeypatch, 30)
     with pytest.raises(SystemExit) as stop:

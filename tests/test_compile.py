@@ -67,7 +67,8 @@ def test_compile_leaves_the_iterative_solvers_and_statistics_steps_eager(monkeyp
         return direction
     monkeypatch.setattr(optimizer_module, "_compiled_stack_direction", counting)
     for mode in ("paper", "improved"):   # their solves stop on data-dependent tests: eager
-        _stepped(lambda params: [{"params": params, "manifold": "stiefel", "mode": mode, "compile": True}], steps=1)
+        _stepped(lambda params, mode=mode: [{"params": params, "manifold": "stiefel", "mode": mode, "compile": True}],
+                 steps=1)
     assert calls == []
     _, opt = _stepped(lambda params: [{"params": params, "manifold": "dgram", "mode": "fast", "compile": True}], steps=1)
     assert calls == ["fast", "fast"]   # two stacks: (48, 32) and (32, 32)

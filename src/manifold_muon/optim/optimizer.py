@@ -312,7 +312,8 @@ class ManifoldMuon(torch.optim.Optimizer):
             w = torch.stack([_oriented(batch[i], group) for i in mine])
             scale = lr * _lr_scale(group["adjust_lr"], w.shape)
             result, duals = None, None
-            if _compiles(group, manifold) and self.compile_error is None and not self.collect_stats:
+            compiling = _compiles(group, manifold) and self.compile_error is None
+            if compiling and not self.collect_stats:
                 a = self._compiled_direction(group, manifold, w, g)
             elif manifold.has_dual:
                 carry = group["carry_dual"] and group["mode"] == "improved"
@@ -330,8 +331,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 a = stack_direction(w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"],
                                     _msign_dtype(group))
             # A statistics step solves eager; a compiling group also checks its compiled graph there.
-            compiled_gap = (self._compiled_gap(group, manifold, w, g, a) if self.collect_stats
-                            and _compiles(group, manifold) and self.compile_error is None else None)
+            compiled_gap = self._compiled_gap(group, manifold, w, g, a) if compiling and self.collect_stats else None
             # Out of place: the solve's result keeps this w (DirectionResult.weight) for its statistics.
             if wd:
                 w = w * (1 - lr * wd)
