@@ -136,7 +136,8 @@ for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*
           f"({r.get('compiled_graphs')} graphs for every model; more than 1: some recompiled; "
           f"{r.get('optimizer_graphs', 0)} for compiled directions), "
           f"matmuls '{r['matmul_precision']}'" + (f", optimizer compile errors {r['optimizer_compile_errors']}"
-                                                   if r.get("optimizer_compile_errors") else ""))
+                                                   if r.get("optimizer_compile_errors") else "")
+          + (f", CUT SHORT ({r['stopped']}) after {r['rounds']} rounds" if r.get("stopped") else ""))
     for row in r["rows"]:
         align = "-" if row["alignment"] is None else f"{row['alignment']:.3f}"
         ops = "-" if row.get("optimizer_ops") is None else row["optimizer_ops"]
