@@ -21,7 +21,8 @@ operation counts and quality columns, and the result says so (``stopped``).
 With ``compile_optimizer`` (``--compile_optimizer``) our Muon and every fast-mode configuration
 get a twin whose direction goes through ``torch.compile`` (the ``compile`` group key), timed in
 the same rounds.  The first steps compile (the warm-up rounds absorb it); the quality columns
-come from a statistics step, which runs eager.
+come from a statistics step, which runs eager and the compiled graph beside it: the table ends
+with how far compiling moved the alignment (a miscompiled graph shows there).
 """
 from __future__ import annotations
 
@@ -232,7 +233,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
                                           "violation_max": h["violation_end_max"]} for group, h in health.items()}})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
-            "preset": preset, "overrides": dict(overrides or {}), "stopped": stopped, "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
+            "preset": preset, "overrides": dict(overrides or {}), "stopped": stopped,
+            "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
             "compiled_graphs": graphs, "compiled_optimizer": cfg.compile_optimizer,
             "optimizer_graphs": optimizer_graphs[0],
             "optimizer_compile_errors": {s["label"]: s["opt"].compile_error for s in setups
