@@ -129,7 +129,8 @@ first_stage() {
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print("\nsummary (ms; step/adamw is the whole step against AdamW's, measured in the same rounds)")
+print("\nsummary (ms; step/adamw and /fused: the whole step against our AdamW's and torch's fused AdamW's, "
+      "measured in the same rounds)")
 for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*.json")):
     r = json.loads(path.read_text())
     print(f"{path.name}: {r['device']}, torch {r['torch']}, compiled {r['compiled']} "
@@ -144,7 +145,8 @@ for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*
         gap = ("" if row.get("compiled_alignment_gap_max") is None
                else f"  align vs eager {row['compiled_alignment_gap_max']:.1e}")
         print(f"  {row['config']:36s} opt {row['optimizer_ms']:8.1f} ({ops:>5} ops)  step {row['step_ms']:8.1f}  "
-              f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  align {align}{gap}")
+              f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  /fused {row.get('step_ratio_vs_fused_adamw') or 0:6.3f}  "
+              f"align {align}{gap}")
 for path in sorted(out.glob("fast_path_*.json")):
     r = json.loads(path.read_text())
     for manifold, rows in r["rows"].items():

@@ -7,9 +7,12 @@ def test_bench_rows_ratios_and_quality(tmp_path):
                        overrides={"n_layer": "1", "n_embd": "32", "n_head": "2", "block_size": "16",
                                   "vocab_size": "128", "batch_size": "2"})
     rows = {r["config"]: r for r in result["rows"]}
-    assert list(rows) == ["adamw", "torch.optim.Muon", "muon (ours, newton-schulz)", "muon (ours, polar express)",
-                          "hetero [paper]", "hetero [fast]", "hetero [improved]"]
-    assert rows["adamw"]["step_ratio_vs_adamw"] == 1.0
+    assert list(rows) == ["adamw", "torch.optim.AdamW (fused)", "torch.optim.Muon", "muon (ours, newton-schulz)",
+                          "muon (ours, polar express)", "hetero [paper]", "hetero [fast]", "hetero [improved]"]
+    assert rows["adamw"]["step_ratio_vs_adamw"] == 1.0 == rows["torch.optim.AdamW (fused)"]["step_ratio_vs_fused_adamw"]
+    assert all(r["step_ratio_vs_fused_adamw"] > 0 for r in rows.values())
+    # torch's fused AdamW: one kernel per parameter group where ours (torch's functional, not fused) runs several
+    assert rows["torch.optim.AdamW (fused)"]["optimizer_ops"] < rows["adamw"]["optimizer_ops"]
     # operations per optimizer step: Muon's msign adds to AdamW's, fast mode's solve to Muon's
     ops = {name: r["optimizer_ops"] for name, r in rows.items()}
     assert 0 < ops["adamw"] < ops["muon (ours, polar express)"] < ops["hetero [fast]"] < ops["hetero [paper]"]
@@ -49,7 +52,7 @@ def test_bench_compiles_the_forward_once_for_every_configuration():
     assert result["compiled"] is True and result["compile_error"] is None
     assert counters["stats"]["unique_graphs"] == result["compiled_graphs"] == 1   # five models, one graph
     assert "compiled forward" in format_bench(result)
-    assert len(result["rows"]) == 5 and all(r["step_ms"] > r["optimizer_ms"] > 0 for r in result["rows"])
+    assert len(result["rows"]) == 6 and all(r["step_ms"] > r["optimizer_ms"] > 0 for r in result["rows"])
 
 
 def test_bench_times_the_eager_model_when_compiling_fails(monkeypatch, capsys):
@@ -64,7 +67,7 @@ def test_bench_times_the_eager_model_when_compiling_fails(monkeypatch, capsys):
                        overrides={**TINY, "compile": "true"}, progress=False)
     assert result["compiled"] is False and "no compiler here" in result["compile_error"]
     assert "torch.compile failed" in capsys.readouterr().out
-    assert "eager forward" in format_bench(result) and len(result["rows"]) == 5
+    assert "eager forward" in format_bench(result) and len(result["rows"]) == 6
 
 
 def test_bench_times_compiled_twins_of_muon_and_fast_mode_in_the_same_rounds():
@@ -104,12 +107,12 @@ def _sigterm_at_synchronisation(monkeypatch, n):
 
 def test_a_bench_stopped_by_sigterm_keeps_the_rounds_it_measured(monkeypatch):
     import signal
-    _sigterm_at_synchronisation(monkeypatch, 30)   # inside the third round
+    _sigterm_at_synchronisation(monkeypatch, 35)   # inside the third round
     result = run_bench("tiny-cpu", allocations=["unconstrained"], rounds=5, warmup=1, overrides=TINY, progress=False)
     assert result["stopped"] == f"stopped by signal {int(signal.SIGTERM)}"
-    # 4 configurations x 3 synchronisations a step: cut in round 3 (the 2nd timed), at its 2nd configuration
+    # 5 configurations x 3 synchronisations a step: cut in round 3 (the 2nd timed), at its 2nd configuration
     assert result["rounds"] == 2
-    assert [r["config"] for r in result["rows"]][:2] == ["adamw", "torch.optim.Muon"]
+    assert [r["config"] for r in result["rows"]][:3] == ["adamw", "torch.optim.AdamW (fused)", "torch.optim.Muon"]
     assert all(r["optimizer_ms"] > 0 and r["optimizer_ops"] is None and r["alignment"] is None
                for r in result["rows"])
     assert "cut short (stopped by signal" in format_bench(result)
@@ -122,7 +125,7 @@ def test_the_bench_command_saves_a_cut_short_table_and_exits_as_timeout_does(mon
     import pytest
 
     from manifold_muon.cli import main
-    _sigterm_at_synchronisation(monkeypatch, 30)
+    _sigterm_at_synchronisation(monkeypatch, 35)
     with pytest.raises(SystemExit) as stop:
         main(["bench", "--allocations", "unconstrained", "--rounds", "5", "--out", str(tmp_path)]
              + [f"--{k}={v}" for k, v in TINY.items()])

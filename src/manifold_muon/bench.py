@@ -1,9 +1,10 @@
 """``manifold-muon bench``: optimizer and whole-step time, side by side in one process.
 
-For one model and batch it times AdamW everywhere, ``torch.optim.Muon`` (+ AdamW for the
-rest), our Muon, and our Manifold Muon in paper, fast and improved mode for each allocation.
-Configurations are interleaved round by round (A B C ... A B C ...), medians are reported,
-and every ratio is against AdamW's whole step measured in the same rounds.  Quality columns:
+For one model and batch it times AdamW everywhere (ours, and torch's fused AdamW, its fastest),
+``torch.optim.Muon`` (+ AdamW for the rest), our Muon, and our Manifold Muon in paper, fast and
+improved mode for each allocation.  Configurations are interleaved round by round (A B C ... A B C ...), medians are reported,
+and every ratio is against AdamW's whole step measured in the same rounds (ours, and in a second
+column torch's fused one).  Quality columns:
 the mean alignment ``<G, A> / ||G||_*`` and the largest tangent violation of the last step,
 overall and per matrix group (attention / MLP), where it also gives the alignment of the
 direction made feasible (tangent, spectral norm 1): the fair comparison for paper mode.
@@ -56,6 +57,7 @@ def _configs(allocations, modes, compiled_twins: bool):
     configuration whose direction can compile (our Muon, fast mode) is followed by its twin
     with ``compile=True``, so the two are timed in the same rounds."""
     yield "adamw", "baseline", {}
+    yield "torch.optim.AdamW (fused)", "torch-adamw-fused", {}
     yield "torch.optim.Muon", "torch-muon", {}
     # Our Muon with torch's math (Newton-Schulz 5, bf16), then with the paper's (Polar Express 10, bf16).
     yield "muon (ours, newton-schulz)", "unconstrained", {"msign_method": "newton_schulz"}
@@ -70,16 +72,18 @@ def _configs(allocations, modes, compiled_twins: bool):
                     yield f"{alloc} [fast, compiled]", alloc, {"mode": mode, "compile": True}
 
 
-class _TorchMuon:
-    """torch.optim.Muon on the Muon-managed matrices, AdamW on the rest, as one step()."""
+class _TorchOptimizers:
+    """torch's own optimizers as one step(): ``torch.optim.Muon`` on the Muon-managed matrices
+    and AdamW on the rest, or (``muon=False``) fused AdamW on everything: torch's fastest AdamW,
+    the strictest baseline for issue 5's ratios."""
 
-    def __init__(self, model):
-        groups = resolve(model, "unconstrained")
-        muon = [p for g in groups if g["algorithm"] == "muon" for p in g["params"]]
-        rest = [g for g in groups if g["algorithm"] == "adamw"]
-        self.opts = [torch.optim.Muon(muon, lr=0.02, momentum=0.95, weight_decay=0.1),
-                     torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in rest],
-                                       lr=6e-4, betas=(0.9, 0.95))]
+    def __init__(self, model, *, muon: bool):
+        groups = resolve(model, "unconstrained" if muon else "baseline")
+        rest = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups if g["algorithm"] == "adamw"]
+        self.opts = [torch.optim.AdamW(rest, lr=6e-4, betas=(0.9, 0.95), fused=not muon)]
+        if muon:
+            matrices = [p for g in groups if g["algorithm"] == "muon" for p in g["params"]]
+            self.opts.insert(0, torch.optim.Muon(matrices, lr=0.02, momentum=0.95, weight_decay=0.1))
         self.stats, self.collect_stats = {}, False
 
     def step(self):
@@ -151,8 +155,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model).to(dev)
         steps = cfg.dual_steps_for(extra.get("mode", "improved"))  # as in training
-        if alloc == "torch-muon":
-            opt = _TorchMuon(model)
+        if alloc in ("torch-muon", "torch-adamw-fused"):
+            opt = _TorchOptimizers(model, muon=alloc == "torch-muon")
         else:
             opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.numerics_options(), **extra))
         forward = torch.compile(model) if cfg.compile else model   # the optimizer keeps the plain names
@@ -208,6 +212,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         graphs = counters["stats"]["unique_graphs"] - graphs_before - optimizer_graphs[0]
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
+    fused = setups[1]   # torch.optim.AdamW (fused): the ratios against it too
+    fused_rounds = [f + o for f, o in zip(fused["fb"], fused["opt_ms"])]
     for s in (s for s in setups if s["opt_ms"]):
         counter, health = None, {}
         if not stopped:
@@ -223,6 +229,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         rows.append({"config": s["label"], "optimizer_ms": statistics.median(s["opt_ms"]),
                      "step_ms": statistics.median(step),
                      "step_ratio_vs_adamw": statistics.median(a / b for a, b in zip(step, base_rounds)),
+                     "step_ratio_vs_fused_adamw": (statistics.median(a / b for a, b in zip(step, fused_rounds))
+                                                   if fused_rounds else None),
                      "optimizer_ops": counter.count if counter else None,
                      "alignment": statistics.mean(h["alignment_mean"] for h in health.values()) if health else None,
                      "violation_max": max((h["violation_end_max"] for h in managed), default=None),
@@ -250,15 +258,17 @@ def format_bench(result: dict) -> str:
             f"median of {result['rounds']} interleaved rounds\n")
     if result.get("stopped"):
         head += f"cut short ({result['stopped']}): no operation counts or quality columns\n"
-    cols = (f"{'config':36s} {'opt ms':>9s} {'opt ops':>8s} {'step ms':>9s} {'step/adamw':>11s} {'align':>7s} "
-            f"{'viol max':>9s}\n")
+    cols = (f"{'config':36s} {'opt ms':>9s} {'opt ops':>8s} {'step ms':>9s} {'step/adamw':>11s} {'/fused':>7s} "
+            f"{'align':>7s} {'viol max':>9s}\n")
     body = ""
     for r in result["rows"]:
         align = f"{r['alignment']:.3f}" if r["alignment"] is not None else "-"
         viol = f"{r['violation_max']:.1e}" if r["violation_max"] is not None else "-"
         ops = r.get("optimizer_ops")
+        fused = r.get("step_ratio_vs_fused_adamw")
+        fused = f"{fused:.3f}" if fused is not None else "-"
         body += (f"{r['config']:36s} {r['optimizer_ms']:9.1f} {ops if ops is not None else '-':>8} {r['step_ms']:9.1f} "
-                 f"{r['step_ratio_vs_adamw']:11.3f} {align:>7s} {viol:>9s}\n")
+                 f"{r['step_ratio_vs_adamw']:11.3f} {fused:>7s} {align:>7s} {viol:>9s}\n")
     groups = ""  # the quality columns per matrix group, for the constrained configurations
     for r in result["rows"]:
         for group, q in sorted(r.get("by_group", {}).items()):
