@@ -80,8 +80,9 @@ def library_matmul_precision():
     """The library's public functions use this (as a decorator, ``@library_matmul_precision()``):
     IEEE float32 matmuls, or the level of an enclosing :func:`float32_matmul_precision` block.
     The choice is read at each call, not when the function is defined."""
-    # Inside a block, whose level is already set, there is nothing to do; nor inside a compiled
-    # optimizer step, which cannot change global settings: the optimizer sets them around it.
+    # Inside a block, whose level is already set, there is nothing to do.  Nor can there be
+    # inside a compiled region, which cannot change global settings: the settings of its caller
+    # hold there (the optimizer sets the group's level around its compiled direction).
     if torch.compiler.is_compiling() or _chosen.get() is not None:
         yield
         return
