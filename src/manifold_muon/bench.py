@@ -168,9 +168,10 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             _, loss = s["forward"](x, y)
         loss.backward()
 
-    optimizer_graphs = [0]   # compiled by the optimizer steps (compiled directions), not the forward
+    optimizer_graphs = 0   # compiled by the optimizer steps (compiled directions), not the forward
 
     def one_step(s, timed, around_optimizer=None):
+        nonlocal optimizer_graphs
         synchronize(dev)
         t0 = time.perf_counter()
         forward_backward(s)
@@ -179,7 +180,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         graphs = counters["stats"]["unique_graphs"]
         with around_optimizer or contextlib.nullcontext():
             s["opt"].step()
-        optimizer_graphs[0] += counters["stats"]["unique_graphs"] - graphs
+        optimizer_graphs += counters["stats"]["unique_graphs"] - graphs
         synchronize(dev)
         t2 = time.perf_counter()
         s["opt"].zero_grad(set_to_none=True)
@@ -209,7 +210,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             stopped = str(e)
             print(f"bench: {stopped}; keeping the {len(setups[0]['fb'])} timed rounds measured", flush=True)
     if cfg.compile and compile_error is None:   # more than the first model's graphs: some recompiled
-        graphs = counters["stats"]["unique_graphs"] - graphs_before - optimizer_graphs[0]
+        graphs = counters["stats"]["unique_graphs"] - graphs_before - optimizer_graphs
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
     fused = setups[1]   # torch.optim.AdamW (fused): the ratios against it too
@@ -244,7 +245,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             "preset": preset, "overrides": dict(overrides or {}), "stopped": stopped,
             "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
             "compiled_graphs": graphs, "compiled_optimizer": cfg.compile_optimizer,
-            "optimizer_graphs": optimizer_graphs[0],
+            "optimizer_graphs": optimizer_graphs,
             "optimizer_compile_errors": {s["label"]: s["opt"].compile_error for s in setups
                                          if getattr(s["opt"], "compile_error", None)},
             "matmul_precision": cfg.matmul_precision,

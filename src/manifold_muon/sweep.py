@@ -39,12 +39,13 @@ def run_name(allocation: str, seed: int, mode: str | None = None) -> str:
     return f"{allocation}-{mode}-s{seed}" if mode else f"{allocation}-s{seed}"
 
 
-def _is_finished(run_dir: Path, max_iters: int) -> bool:
+def _is_finished(run_dir: Path, max_iters: int | None = None) -> bool:
+    """Whether the run finished (of ``max_iters`` iterations, when given)."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return False
     summary = json.loads(path.read_text())
-    return summary.get("status") in FINISHED and summary.get("max_iters") == max_iters
+    return summary.get("status") in FINISHED and max_iters in (None, summary.get("max_iters"))
 
 
 def _command(preset: str, overrides: dict[str, str]) -> list[str]:
@@ -73,8 +74,7 @@ def pack_finished_runs(path) -> dict:
         raise FileNotFoundError(f"{path} holds no run directories (folders with a config.json)")
     packed, unfinished, before, after = [], [], 0, 0
     for run_dir in runs:
-        summary = run_dir / "summary.json"
-        if not summary.is_file() or json.loads(summary.read_text()).get("status") not in FINISHED:
+        if not _is_finished(run_dir):
             unfinished.append(run_dir.name)
             continue
         b, a = pack_run(run_dir)
