@@ -40,6 +40,8 @@ PYTHON="${PYTHON:-python3}"   # the GPU machine's python3 holds its PyTorch
 BUDGET_S="${BUDGET_S:-480}"   # the sweep stops here, leaving time to pack and measure what finished
 QUALITY_S="${QUALITY_S:-60}"  # direction quality on the finished runs' momenta
 FIRST_S="${FIRST_S:-540}"     # the whole `first` stage
+SWEEP_JOBS="${SWEEP_JOBS:-4}" # gpt2-reduced runs side by side on the one GPU (~10 GB each; launches and
+                              # syncs leave a large GPU idle, which the other runs fill)
 RESULTS="${RESULTS:-results/gpt2-reduced}"
 LIMIT_MIB=62                  # the device takes 64 MiB of tree and carry; keep a margin
 
@@ -77,6 +79,20 @@ pack_results() {
   "$PYTHON" -m manifold_muon pack "$RESULTS" || true   # finished runs' logs xz-compressed, as committed
   tar czf "$OUT/results.tgz" --exclude=ckpt.pt --exclude='*.tmp' "$RESULTS" 2>/dev/null || true
   ls -la "$OUT"
+}
+
+sweep_summary() {  # what the next call needs to size itself: each finished run's time and memory
+  "$PYTHON" - "$RESULTS" "$SWEEP_JOBS" <<'EOF'
+import json, sys
+from pathlib import Path
+root, jobs = Path(sys.argv[1]), sys.argv[2]
+print(f"\nsweep summary ({jobs} runs side by side; seconds are each run's own wall time)")
+for path in sorted(root.glob("*/summary.json")):
+    s = json.loads(path.read_text())
+    gib = "-" if s.get("peak_gpu_gib") is None else f"{s['peak_gpu_gib']:.1f}"
+    print(f"  {path.parent.name:28s} {s['status']:18s} {s['iters']:5d}/{s['max_iters']} it  {s['seconds']:7.1f} s  "
+          f"peak {gib:>5} GiB  val {s['final_val_loss']}")
+EOF
 }
 
 direction_quality() {  # args: run directories; default every constrained run with a checkpoint
@@ -192,7 +208,7 @@ EOF
     ;;
   sweep)
     setup_device
-    setup_corpus
+    case " $* " in *" --data_dir="*) ;; *) setup_corpus ;; esac   # another corpus (the tests' toy one) as given
     modes="${1:?sweep needs MODES, e.g. paper,improved}"
     seeds="${2:?sweep needs SEEDS, e.g. 1,2}"
     shift 2
@@ -200,7 +216,8 @@ EOF
     if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then allocs="$1"; shift; fi
     # what is left: config overrides for every run, e.g. --dual_steps=8
     timeout "$BUDGET_S" "$PYTHON" -m manifold_muon sweep --preset gpt2-reduced --modes "$modes" --seeds "$seeds" \
-      --allocations "$allocs" --out "$RESULTS" --quiet "$@" || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
+      --allocations "$allocs" --out "$RESULTS" --jobs "$SWEEP_JOBS" --quiet "$@" || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
+    sweep_summary
     pack_results
     direction_quality
     ;;

@@ -3,7 +3,10 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +91,25 @@ def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
     summary = done.stdout[done.stdout.index("summary (ms;"):]
     assert "hetero [improved]" in summary and "fast direction + retraction" in summary
     assert "muon (ours, polar express, compiled)" in summary
+
+
+def test_gpu_sweep_stage_runs_side_by_side_packs_and_measures_quality(data_dir, tmp_path):  # noqa: F811
+    # scripts/gpu.sh sweep is how issues 6 and 7's runs will go; here at toy sizes on the test corpus
+    results, out = tmp_path / "results", tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "PYTHON": sys.executable, "SWEEP_JOBS": "2",
+           "QUALITY_S": "300"}
+    toy = [f"--data_dir={data_dir}", f"--vocab_size={VOCAB}", "--n_layer=1", "--n_embd=32", "--n_head=2",
+           "--block_size=16", "--batch_size=2", "--max_iters=6", "--warmup_iters=1", "--lr_decay_iters=6",
+           "--eval_interval=3", "--eval_iters=1", "--dual_steps=4"]
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu.sh"), "sweep", "paper", "1", "unconstrained,hetero",
+                           *toy], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = done.stdout[done.stdout.index("sweep summary (2 runs side by side"):]
+    for run in ("unconstrained-paper-s1", "hetero-paper-s1"):
+        assert f"{run} " in summary and "completed" in summary and "6/6 it" in summary, summary
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("hetero-paper-s1/summary.json") for n in names)
+    assert not any(n.endswith("ckpt.pt") for n in names)   # checkpoints stay on the device
+    (quality,) = out.glob("direction_quality_*.json")       # only the constrained run is measured
+    assert {r["run"] for r in json.loads(quality.read_text())["rows"]} == {"hetero-paper-s1"}

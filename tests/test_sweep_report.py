@@ -9,7 +9,8 @@ from manifold_muon.compare import build_comparison, compare_rows
 from manifold_muon.report import build_report
 from manifold_muon.diagnostics import read_spectral
 from manifold_muon.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
-from manifold_muon.sweep import pack_finished_runs, run_sweep
+from manifold_muon import sweep
+from manifold_muon.sweep import _gpu_slots, pack_finished_runs, run_sweep
 from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
 
 ALLOCS = ["unconstrained", "hetero"]
@@ -139,6 +140,40 @@ def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path)
     # "align (made feasible) / viol": feasible directions keep their alignment when made feasible
     as_returned, feasible = (float(x) for x in improved_attn.split("/")[0].replace("(", " ").replace(")", " ").split())
     assert abs(as_returned - feasible) < 5e-3
+
+
+def test_gpu_slots_give_every_gpu_a_run_and_share_the_rest():
+    assert _gpu_slots(0, 3) == []
+    assert _gpu_slots(1, 1) == [0] and _gpu_slots(1, 4) == [0, 0, 0, 0]
+    assert _gpu_slots(4, 1) == [0, 1, 2, 3]  # at least one run per GPU
+    assert _gpu_slots(2, 5) == [0, 1, 0, 1, 0]
+
+
+def test_sweep_runs_jobs_side_by_side_on_one_gpu(monkeypatch, tmp_path):
+    """Four runs, --jobs 3, one (pretended) GPU: three at a time, all on GPU 0, threads split."""
+    import threading
+    import time
+    running, peak, envs, lock = [0], [0], [], threading.Lock()
+
+    def fake_run(cmd, stdout, stderr, env):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            envs.append((env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"]))
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 12)
+    run_sweep("tiny-cpu", ["hetero", "all-stiefel"], [1, 2], tmp_path, jobs=3, quiet=True)
+    assert peak[0] == 3 and len(envs) == 4
+    assert set(envs) == {("0", "4")}
+    assert json.loads((tmp_path / "sweep.json").read_text())["jobs"] == 3
+    with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
+        run_sweep("tiny-cpu", ["hetero"], [1], tmp_path, jobs=0, quiet=True)
 
 
 def test_report_errors_are_clear(tmp_path):

@@ -68,6 +68,7 @@ def test_run_writes_its_directory_and_learns(data_dir, tmp_path):
     assert row["lr_muon"] / row["lr_adamw"] == pytest.approx(0.02 / 0.02)
     env = json.loads((run / "env.json").read_text())
     assert summary["status"] == "completed" and env["torch"] == torch.__version__
+    assert summary["peak_gpu_gib"] is None  # a CPU run; on a GPU the sweep sizes --jobs by it
     assert env["data_sha256"] == json.loads((data_dir / "meta.json").read_text())["sha256"]   # which corpus
     # per-group gradient norms on diagnostic steps add up (in squares) to the step's global norm
     total = {r["iter"]: r["grad_norm"] for r in read_jsonl(run / "metrics.jsonl")}

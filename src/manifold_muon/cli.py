@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "runs once per mode, in <allocation>-<mode>-s<seed>/ (default: the preset's "
                                    "mode, improved, in <allocation>-s<seed>/)")
     w.add_argument("--out", help="sweep directory (default runs/sweep-<preset>)")
-    w.add_argument("--jobs", type=int, default=1, help="parallel runs on the CPU (with GPUs: one run per GPU)")
+    w.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (default 1), CPU threads split between them; with GPUs at least one per "
+                        "GPU, more share them round-robin (e.g. --jobs 4 on one GPU: 4 small runs side by side)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("report", help="Table 1, figures and report.md from a sweep directory",
                        description="Write DIR/report/{report.md,table1.md,table1.csv,fig*.png}.")

@@ -3,8 +3,9 @@
 Each run is ``manifold-muon train`` in its own process (a crash or a leak in one run cannot
 take the sweep down), in ``OUT/<allocation>-s<seed>/`` (``OUT/<allocation>-<mode>-s<seed>/`` when the sweep is
 given modes) with its output in ``train.log``.
-Runs go one after another, ``jobs`` at a time on the CPU (threads split between them), or
-one per GPU.  A killed sweep, run again, skips finished runs and resumes unfinished ones from
+Runs go ``jobs`` at a time, their CPU threads split between them; on GPUs, at least one per
+GPU and the rest shared round-robin (a small model leaves a large GPU idle between launches,
+which other runs fill: ``_gpu_slots``).  A killed sweep, run again, skips finished runs and resumes unfinished ones from
 their checkpoints.  ``results.jsonl`` gets one line per run with its summary and the
 instability classifier's verdict.
 """
@@ -46,6 +47,12 @@ def _is_finished(run_dir: Path, max_iters: int | None = None) -> bool:
         return False
     summary = json.loads(path.read_text())
     return summary.get("status") in FINISHED and max_iters in (None, summary.get("max_iters"))
+
+
+def _gpu_slots(gpus: int, jobs: int) -> list[int]:
+    """The GPU of each of the sweep's concurrent slots: ``max(jobs, gpus)`` slots, round-robin,
+    so every GPU gets a run and ``jobs`` above the GPU count share them evenly."""
+    return [slot % gpus for slot in range(max(jobs, gpus))] if gpus else []
 
 
 def _command(preset: str, overrides: dict[str, str]) -> list[str]:
@@ -127,8 +134,11 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
     if modes and "mode" in overrides:
         raise ValueError("give the mode either as --modes or as --mode=, not both")
     axis = list(modes) if modes else [None]
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     gpus = torch.cuda.device_count()
-    jobs = gpus if gpus else max(1, jobs)
+    slots = _gpu_slots(gpus, jobs)
+    jobs = len(slots) or jobs
     threads = max(1, (os.cpu_count() or 1) // jobs)
     _record_sweep(out_dir / "sweep.json", {"preset": preset, "allocations": allocations, "seeds": seeds,
                                            "modes": [m for m in axis if m], "overrides": overrides, "jobs": jobs})
@@ -148,7 +158,7 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
         print(f"{skipped} finished run(s) skipped; {len(todo)} to run")
 
     free_gpus: queue.Queue = queue.Queue()
-    for gpu in range(gpus):
+    for gpu in slots:
         free_gpus.put(gpu)
 
     def launch(run_overrides):
@@ -156,7 +166,7 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
         # on CPU that doubled a tiny run's time (sys 32 s of 38 s).  Keeping them halves it.
         env = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32),
                **os.environ, "OMP_NUM_THREADS": str(threads)}
-        gpu = free_gpus.get() if gpus else None  # one run per GPU at a time
+        gpu = free_gpus.get() if gpus else None  # a slot: its GPU is busy with at most its share of runs
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         run_dir = Path(run_overrides["out_dir"])

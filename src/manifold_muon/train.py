@@ -310,7 +310,10 @@ class Trainer:
         return {"status": status, "iters": it, "max_iters": self.cfg.max_iters, "seconds": seconds,
                 "final_val_loss": evals[-1]["val_loss"] if evals else None,
                 "best_val_loss": min((e["val_loss"] for e in evals), default=None),
-                "allocation": self.cfg.allocation, "mode": self.cfg.mode, "seed": self.cfg.seed}
+                "allocation": self.cfg.allocation, "mode": self.cfg.mode, "seed": self.cfg.seed,
+                # what decides how many runs share one GPU (sweep --jobs); of this process's part of the run
+                "peak_gpu_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
+                                 if self.device.type == "cuda" else None)}
 
 
 def train(cfg: TrainConfig) -> dict:
