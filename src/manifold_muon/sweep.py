@@ -5,8 +5,8 @@ take the sweep down), in ``OUT/<allocation>-s<seed>/`` (``OUT/<allocation>-<mode
 given modes) with its output in ``train.log``.
 Runs go ``jobs`` at a time, their CPU threads split between them; on GPUs, at least one per
 GPU and the rest shared round-robin (a small model leaves a large GPU idle between launches,
-which other runs fill: ``_gpu_slots``).  A killed sweep, run again, skips finished runs and resumes unfinished ones from
-their checkpoints.  ``results.jsonl`` gets one line per run with its summary and the
+which other runs fill: ``_gpu_slots``).  A killed sweep, run again, skips finished runs and
+resumes unfinished ones from their checkpoints.  ``results.jsonl`` gets one line per run with its summary and the
 instability classifier's verdict.
 """
 from __future__ import annotations
