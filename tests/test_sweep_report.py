@@ -96,6 +96,10 @@ def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811
     assert rows["hetero"]["final_val_loss"] == f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}"
     assert rows["hetero"]["result"] == "stable (2/2)"
     assert rows["all-dgram"]["result"] == "unstable (1/1; s1: early_termination @ 8)"
+    # the mechanism column: Stiefel attention keeps sigma_max at 1 in both seeds; Muon's grows from its init
+    assert rows["hetero"]["attention_mechanism"].startswith("σ 1, H ")
+    sigma, entropy = rows["unconstrained"]["attention_mechanism"].split(", ")
+    assert sigma != "σ 1" and 0 < float(entropy.split()[1].split("–")[0]) <= np.log(16)   # context 16
     assert "| hetero | Stiefel | DGram | 2 |" in (path.parent / "table1.md").read_text()
     # the seed-gap test: hetero vs unconstrained, both with two seeds
     others = [json.loads((out / f"unconstrained-s{s}" / "summary.json").read_text())["final_val_loss"] for s in (1, 2)]

@@ -13,7 +13,7 @@ import numpy as np
 from .diagnostics import read_spectral
 from .runio import read_jsonl
 
-__all__ = ["val_curve", "sigma_max_curve", "mechanism_curve", "health_curve", "first_crossing", "causal_chain",
+__all__ = ["val_curve", "sigma_max_curve", "mechanism_curve", "mechanism_peaks", "health_curve", "first_crossing", "causal_chain",
            "divergence_iter", "baseline", "CHAIN", "CHAIN_SIGNALS", "CHAIN_LABELS", "seed_gap", "GAP_PAIRS",
            "finite_values"]
 
@@ -47,6 +47,19 @@ def mechanism_curve(run_dir, key: str, reduce=max) -> Series | None:
         return None
     return (np.array([d["iter"] for d in rows]),
             np.array([reduce([m[key] for m in d["mechanics"]]) for d in rows], dtype=float))
+
+
+def mechanism_peaks(run_dir) -> dict:
+    """How far one run went along the paper's mechanism: the largest attention sigma_max, the
+    largest attention logit (max over layers) and the lowest attention entropy (min over layers)."""
+    def extreme(series, pick):
+        if series is None:
+            return None
+        finite = series[1][np.isfinite(series[1])]
+        return float(pick(finite)) if len(finite) else None
+    return {"sigma_max": extreme(sigma_max_curve(run_dir, "attention"), np.max),
+            "logit": extreme(mechanism_curve(run_dir, "logit_max_abs", max), np.max),
+            "entropy": extreme(mechanism_curve(run_dir, "entropy", min), np.min)}
 
 
 def health_curve(run_dir, group: str, key: str) -> Series | None:

@@ -11,9 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
-
-from .analysis import finite_values, mechanism_curve, sigma_max_curve
+from .analysis import finite_values, mechanism_peaks
 from .config import config_from_dict, config_to_dict
 from .figures import plot_comparison
 from .optim.dual import DIRECTION_MODES
@@ -39,19 +37,6 @@ def differing_settings(configs: list[dict]) -> list[str]:
     """The training settings whose values differ between the given configs, in config order."""
     keys = dict.fromkeys(k for c in configs for k in c if k not in NOT_A_TREATMENT)
     return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
-
-
-def mechanism_peaks(run_dir: Path) -> dict:
-    """How far one run went along the paper's mechanism: the largest attention sigma_max, the
-    largest attention logit (max over layers) and the lowest attention entropy (min over layers)."""
-    def extreme(series, pick):
-        if series is None:
-            return None
-        finite = series[1][np.isfinite(series[1])]
-        return float(pick(finite)) if len(finite) else None
-    return {"sigma_max": extreme(sigma_max_curve(run_dir, "attention"), np.max),
-            "logit": extreme(mechanism_curve(run_dir, "logit_max_abs", max), np.max),
-            "entropy": extreme(mechanism_curve(run_dir, "entropy", min), np.min)}
 
 
 def code_versions(sweep_dirs: list[Path]) -> list[list[str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import (CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_iter, finite_values, health_curve,
-                       seed_gap)
+                       mechanism_peaks, seed_gap)
 from .diagnostics import module_group
 from .figures import make_figures, plot_causal_chains
 from .stability import DEFAULT_THRESHOLDS
@@ -65,6 +65,23 @@ def _result_text(runs: list[dict]) -> str:
     return f"unstable ({len(unstable)}/{len(runs)}; {reasons})"
 
 
+def _span(values: list, fmt: str) -> str:
+    """``lo-hi`` over seeds, or one value where they print alike."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return "-"
+    lo, hi = format(values[0], fmt), format(values[-1], fmt)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _attention_text(run_dirs: list[Path]) -> str:
+    """How far the runs went along the paper's mechanism, which the loss-based classifier cannot
+    see: a collapse (entropy near 0 behind a large sigma_max) that stalls the loss without a spike."""
+    peaks = [mechanism_peaks(d) for d in run_dirs]
+    return (f"σ {_span([p['sigma_max'] for p in peaks], '.3g')}, "
+            f"H {_span([p['entropy'] for p in peaks], '.3g')}")
+
+
 def table_rows(out_dir, results: list[dict]) -> list[dict]:
     """Table 1: one row per allocation (and mode), in the sweep's order, aggregated over seeds."""
     out_dir = Path(out_dir)
@@ -74,13 +91,14 @@ def table_rows(out_dir, results: list[dict]) -> list[dict]:
         rows.append({"allocation": alloc, "mode": mode, "attention": _constraint(first, "attention"),
                      "mlp": _constraint(first, "mlp"), "seeds": len(runs),
                      "final_val_loss": _mean_std([r["final_val_loss"] for r in runs]),
-                     "best_val_loss": _mean_std([r["best_val_loss"] for r in runs]), "result": _result_text(runs)})
+                     "best_val_loss": _mean_std([r["best_val_loss"] for r in runs]), "result": _result_text(runs),
+                     "attention_mechanism": _attention_text([out_dir / r["run"] for r in runs])})
     return rows
 
 
 COLUMNS = [("allocation", "Allocation"), ("mode", "Mode"), ("attention", "Attention"), ("mlp", "MLP"),
            ("seeds", "Seeds"), ("final_val_loss", "Final val loss"), ("best_val_loss", "Best val loss"),
-           ("result", "Result")]
+           ("result", "Result"), ("attention_mechanism", "Attention: peak σ_max, lowest entropy (nats)")]
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -232,7 +250,11 @@ direction solver mode(s): {', '.join(f'`{x}`' for x in modes)}. Only the allocat
 
 {table}
 Final val loss is the last evaluation; mean ± std over seeds where there are several.
-Stability: the classifier of `manifold_muon.stability` (thresholds: {thresholds}).
+Stability: the classifier of `manifold_muon.stability` (thresholds: {thresholds}); it reads
+the loss only. The last column is the paper's mechanism, over the run (range over seeds): the
+largest attention σ_max and the lowest attention entropy (min over layers; the uniform
+distribution over the context has log(context) nats). An entropy near 0 is an attention
+collapse, which can stall the loss without a spike and so pass as stable.
 
 ## Is the gap larger than the seed-to-seed spread?
 
