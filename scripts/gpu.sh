@@ -40,7 +40,7 @@ PYTHON="${PYTHON:-python3}"   # the GPU machine's python3 holds its PyTorch
 BUDGET_S="${BUDGET_S:-480}"   # the sweep stops here, leaving time to pack and measure what finished
 QUALITY_S="${QUALITY_S:-60}"  # direction quality on the finished runs' momenta
 FIRST_S="${FIRST_S:-540}"     # the whole `first` stage
-SWEEP_JOBS="${SWEEP_JOBS:-4}" # gpt2-reduced runs side by side on the one GPU (~10 GB each; launches and
+SWEEP_JOBS="${SWEEP_JOBS:-4}" # gpt2-reduced runs side by side on the one GPU (~10 GB each, estimated; launches and
                               # syncs leave a large GPU idle, which the other runs fill)
 RESULTS="${RESULTS:-results/gpt2-reduced}"
 LIMIT_MIB=62                  # the device takes 64 MiB of tree and carry; keep a margin
