@@ -164,7 +164,7 @@ def test_sweep_runs_jobs_side_by_side_on_one_gpu(monkeypatch, tmp_path):
             running[0] += 1
             peak[0] = max(peak[0], running[0])
             envs.append((env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"]))
-        time.sleep(0.3)
+        time.sleep(1.0)   # long enough that the pool's first three overlap even on a loaded machine
         with lock:
             running[0] -= 1
         return type("Done", (), {"returncode": 0})()
