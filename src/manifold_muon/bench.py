@@ -160,8 +160,8 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         else:
             opt = ManifoldMuon(resolve(model, alloc, dual_steps=steps, **cfg.numerics_options(), **extra))
         forward = torch.compile(model) if cfg.compile else model   # the optimizer keeps the plain names
-        setups.append({"label": label, "model": model, "forward": forward, "opt": opt, "fb": [], "opt_ms": [],
-                       "compiled_optimizer": extra.get("compile", False)})
+        setups.append({"label": label, "alloc": alloc, "model": model, "forward": forward, "opt": opt, "fb": [],
+                       "opt_ms": [], "compiled_optimizer": extra.get("compile", False)})
 
     def forward_backward(s):
         with autocast:
@@ -213,7 +213,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
         graphs = counters["stats"]["unique_graphs"] - graphs_before - optimizer_graphs
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
-    fused = setups[1]   # torch.optim.AdamW (fused): the ratios against it too
+    fused = next(s for s in setups if s["alloc"] == "torch-adamw-fused")   # the ratios against it too
     fused_rounds = [f + o for f, o in zip(fused["fb"], fused["opt_ms"])]
     for s in (s for s in setups if s["opt_ms"]):
         counter, health = None, {}

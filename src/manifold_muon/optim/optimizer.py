@@ -374,10 +374,10 @@ class ManifoldMuon(torch.optim.Optimizer):
         momentum_norm = spectral_norm(g.float())
         residual = manifold.residual(w.float())
         for i, p in enumerate(batch):
-            self.stats[names.get(id(p), f"param{id(p)}")] = {
+            stats = self.stats[names.get(id(p), f"param{id(p)}")] = {
                 "manifold": manifold.name, "alignment": align[i].item(), "momentum_norm": momentum_norm[i].item(),
                 "alignment_repaired": repaired[i].item(), "residual": residual[i].item(),
                 "violation_start": result.violation_start[i].item() if result is not None else 0.0,
                 "violation_end": result.violation_end[i].item() if result is not None else 0.0}
             if compiled_gap is not None:
-                self.stats[names.get(id(p), f"param{id(p)}")]["compiled_alignment_gap"] = compiled_gap[i].item()
+                stats["compiled_alignment_gap"] = compiled_gap[i].item()
