@@ -188,7 +188,7 @@ EOF
     size=$(tree_and_carry_mib)
     echo "a device call would send ${size} MiB (tree and gpu-carry; the limit is 64 MiB)"
     if awk -v s="$size" -v l="$LIMIT_MIB" 'BEGIN {exit !(s > l)}'; then
-      echo "too large for the GPU machine: pack finished results (manifold-muon pack DIR) or carry less" >&2
+      echo "too large for the GPU machine: pack finished results (manifold-muon pack --spectral-summary DIR) or carry less" >&2
       exit 1
     fi
     ;;

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from manifold_muon.compare import build_comparison, compare_rows
+from manifold_muon.analysis import sigma_max_curve
 from manifold_muon.report import build_report
-from manifold_muon.diagnostics import read_spectral
+from manifold_muon.diagnostics import SpectralRecorder, read_spectral
 from manifold_muon.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
 from manifold_muon import sweep
 from manifold_muon.sweep import _gpu_slots, pack_finished_runs, run_sweep
@@ -75,6 +76,21 @@ def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  
     assert losses(unfinished) == losses(straight / "unconstrained-s1") and not list(unfinished.glob("*.xz"))
     with pytest.raises(FileNotFoundError, match="holds no run directories"):
         pack_finished_runs(tmp_path)
+
+    # the spectral summary: sigma_max, what the report plots, exact; a few ranks of the rest; far smaller
+    sigma_attention = sigma_max_curve(run, "attention")
+    pack_finished_runs(run, spectral_summary=True)
+    header, summary = read_spectral(run)
+    assert header["summary"]["ranks"][0] == [0, 8, 16, 23, 31]   # of 32 (n_embd)
+    assert not (run / "spectral.json").exists() and not list(run.glob("spectral.bin*"))
+    for i in range(len(header["names"])):
+        assert np.array_equal(summary[f"sv{i}"], spectra[f"sv{i}"][:, header["summary"]["ranks"][i]])
+        assert np.array_equal(summary[f"diag{i}"][:, [0, -1]], np.stack([spectra[f"diag{i}"].max(1), spectra[f"diag{i}"].min(1)], 1))
+        assert np.array_equal(summary[f"fro{i}"], spectra[f"fro{i}"])
+    assert all(np.array_equal(a, b) for a, b in zip(sigma_max_curve(run, "attention"), sigma_attention))
+    assert (run / "spectral_summary.bin").stat().st_size * 4 < len(logs["spectral.bin"])
+    with pytest.raises(ValueError, match="summarized"):
+        SpectralRecorder(run, {})
 
 
 def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811

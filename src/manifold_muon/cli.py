@@ -123,10 +123,11 @@ def _compare(args) -> None:
 def _pack(args) -> None:
     from .sweep import pack_finished_runs
     for path in args.dirs:
-        done = pack_finished_runs(path)
+        done = pack_finished_runs(path, spectral_summary=args.spectral_summary)
         mib = 1 << 20
         print(f"{path}: {len(done['packed'])} runs packed, {done['bytes_before'] / mib:.1f} MiB -> "
               f"{done['bytes_after'] / mib:.1f} MiB of logs"
+              + ("; their spectra summarized" if args.spectral_summary else "")
               + (f"; unfinished, left as they are: {', '.join(done['unfinished'])}" if done["unfinished"] else ""))
 
 
@@ -205,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compare and the analysis read packed runs as they are; training a packed run "
                                    "again unpacks it first. Unfinished runs are left alone.")
     k.add_argument("dirs", nargs="+", help="sweep or run directories")
+    k.add_argument("--spectral-summary", action="store_true",
+                   help="also replace each run's full spectra (every singular value of every matrix at every "
+                        "record) by a summary: the largest, quartile and smallest singular values and Gram "
+                        "diagonal entries. Lossy, and what the reports need (they plot sigma_max, kept exact); "
+                        "for committed results, whose full spectra stay in git history. A summarized run cannot "
+                        "be trained further")
     return parser
 
 

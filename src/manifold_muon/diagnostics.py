@@ -5,6 +5,9 @@
   file, ``spectral.bin``, of fixed-size records (a numpy structured dtype described in
   ``spectral.json``), so it reads back with one ``np.fromfile`` and grows by one record per
   interval; the trainer picks the interval so that a run writes at most ``MAX_RECORDS``.
+  ``pack --spectral-summary`` replaces a finished run's spectra by ``spectral_summary.bin``
+  (+ ``.json``): the same records with only a few ranks of each spectrum kept (σ_max exact), so
+  committed results stay small; the full files remain in the repository's history.
 * **Mechanism** (the paper's future work), per attention layer on a fixed batch: the
   pre-softmax logit scale (max |z| and the mean top-1 minus top-2 gap), the mean attention
   entropy, the mean softmax-Jacobian Frobenius norm
@@ -24,12 +27,15 @@ import torch
 
 from .optim.allocation import ATTENTION, MLP
 from .optim.dual import spectral_norm
-from .runio import read_log_bytes
+from .runio import PACKED_SUFFIX, read_log_bytes, replace_file
 
 __all__ = ["module_group", "SpectralRecorder", "read_spectral", "spectral_stats", "attention_mechanics",
-           "softmax_jacobian_fro", "MAX_RECORDS", "summarize_health"]
+           "softmax_jacobian_fro", "MAX_RECORDS", "summarize_health", "summarize_spectra"]
 
 MAX_RECORDS = 256
+#: What a spectral summary keeps of each spectrum (singular values, and diag(W^T W) sorted):
+#: the largest, the quartiles and the smallest, by rank.
+SUMMARY_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def module_group(name: str) -> str:
@@ -60,6 +66,10 @@ class SpectralRecorder:
     """Appends one fixed-size record per call to ``spectral.bin`` (see the module docstring)."""
 
     def __init__(self, run_dir, named: dict[str, torch.Tensor]):
+        if (Path(run_dir) / "spectral_summary.json").is_file():
+            raise ValueError(f"{run_dir}: its spectra were summarized (pack --spectral-summary), so training it "
+                             "further would leave a gap in them; restore the full spectral.bin from git history "
+                             "or train into a new out_dir")
         self.names = list(named)
         sizes = {n: min(p.shape[-2:]) for n, p in named.items()}
         fields = [("iter", "<i8")]
@@ -88,15 +98,56 @@ class SpectralRecorder:
 
 
 def read_spectral(run_dir) -> tuple[dict, np.ndarray] | tuple[None, None]:
-    """``(header, records)`` of a run, or ``(None, None)`` if it recorded no spectra."""
+    """``(header, records)`` of a run, full or summarized (the header then has ``summary``), or
+    ``(None, None)`` if it recorded no spectra."""
     run_dir = Path(run_dir)
-    data = read_log_bytes(run_dir / "spectral.bin")   # plain or packed (runio.pack_run)
-    if not (run_dir / "spectral.json").is_file() or data is None:
+    for stem in ("spectral", "spectral_summary"):   # full spectra while they exist (a summary may be half made)
+        data = read_log_bytes(run_dir / f"{stem}.bin")   # plain or packed (runio.pack_run)
+        if (run_dir / f"{stem}.json").is_file() and data is not None:
+            break
+    else:
         return None, None
-    header = json.loads((run_dir / "spectral.json").read_text())
+    header = json.loads((run_dir / f"{stem}.json").read_text())
     dtype = np.dtype([tuple(f) if len(f) == 2 else (f[0], f[1], tuple(f[2])) for f in header["dtype"]])
     whole = len(data) - len(data) % dtype.itemsize   # a record torn by a crash is dropped
     return header, np.frombuffer(data[:whole], dtype=dtype)
+
+
+def _kept_ranks(size: int) -> list[int]:
+    return sorted({round(q * (size - 1)) for q in SUMMARY_QUANTILES})
+
+
+def summarize_spectra(run_dir) -> bool:
+    """Replace a finished run's full spectra (``spectral.bin``, plain or packed) by their summary,
+    ``spectral_summary.bin`` + ``.json``: per record and matrix, the singular values and the sorted
+    ``diag(W^T W)`` at the ranks of ``SUMMARY_QUANTILES`` (so ``sv{i}[:, 0]`` is still sigma_max),
+    ``off`` and ``fro`` unchanged.  Lossy; for committed results (a ``gpt2-reduced`` run's spectra
+    shrink about 60x).  The summary is written whole before the full files go, and readers prefer
+    the full ones, so a crash loses nothing.  Returns False where there was nothing to summarize."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "spectral.json").is_file():
+        return False
+    header, rec = read_spectral(run_dir)
+    if header is None:
+        return False
+    ranks = [_kept_ranks(size) for size in header["sizes"]]
+    fields = [("iter", "<i8")]
+    for i, kept in enumerate(ranks):
+        fields += [(f"sv{i}", "<f4", (len(kept),)), (f"diag{i}", "<f4", (len(kept),)), (f"off{i}", "<f4"), (f"fro{i}", "<f4")]
+    summary = np.zeros(len(rec), dtype=np.dtype(fields))
+    summary["iter"] = rec["iter"]
+    for i, kept in enumerate(ranks):
+        summary[f"sv{i}"] = rec[f"sv{i}"][:, kept]
+        summary[f"diag{i}"] = -np.sort(-rec[f"diag{i}"], axis=1)[:, kept]   # descending, as the singular values
+        summary[f"off{i}"], summary[f"fro{i}"] = rec[f"off{i}"], rec[f"fro{i}"]
+    replace_file(run_dir / "spectral_summary.bin", summary.tobytes())
+    replace_file(run_dir / "spectral_summary.json", json.dumps(
+        {**header, "dtype": summary.dtype.descr,
+         "summary": {"quantiles": list(SUMMARY_QUANTILES), "ranks": ranks,
+                     "of": "singular values (descending) and diag(W^T W) sorted descending"}}).encode())
+    for name in ("spectral.bin", "spectral.bin" + PACKED_SUFFIX, "spectral.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    return True
 
 
 def softmax_jacobian_fro(p: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_save", "JsonlLog", "read_jsonl", "read_log_bytes", "environment", "write_json", "PACKED_LOGS",
-           "pack_run", "unpack_run"]
+           "pack_run", "unpack_run", "replace_file"]
 
 # The logs that grow with the run's length: together 85% of a committed run's bytes.
 PACKED_LOGS = ("spectral.bin", "metrics.jsonl", "diagnostics.jsonl")
@@ -41,7 +41,7 @@ def atomic_save(obj, path) -> None:
 
 
 def write_json(path, obj) -> None:
-    _replace_file(Path(path), json.dumps(obj, indent=1).encode())
+    replace_file(Path(path), json.dumps(obj, indent=1).encode())
 
 
 def read_log_bytes(path) -> bytes | None:
@@ -86,7 +86,7 @@ class JsonlLog:
             self._file.close()
 
 
-def _replace_file(path: Path, data: bytes) -> None:
+def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a synced temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -105,7 +105,7 @@ def pack_run(run_dir) -> tuple[int, int]:
         plain = Path(run_dir) / name
         if plain.is_file():
             packed = lzma.compress(plain.read_bytes(), preset=6)
-            _replace_file(plain.with_name(name + PACKED_SUFFIX), packed)
+            replace_file(plain.with_name(name + PACKED_SUFFIX), packed)
             before, after = before + plain.stat().st_size, after + len(packed)
             plain.unlink()
     return before, after
@@ -117,7 +117,7 @@ def unpack_run(run_dir) -> None:
         plain, packed = Path(run_dir) / name, Path(run_dir) / (name + PACKED_SUFFIX)
         if packed.is_file():
             if not plain.is_file():
-                _replace_file(plain, lzma.decompress(packed.read_bytes()))
+                replace_file(plain, lzma.decompress(packed.read_bytes()))
             packed.unlink()
 
 

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import make_config
+from .diagnostics import summarize_spectra
 from .runio import pack_run, read_jsonl, write_json
 from .stability import classify_stability
 
@@ -70,9 +71,11 @@ def verdict_for(run_dir: Path) -> dict:
     return {"stable": v.stable, "criterion": v.criterion, "criterion_iter": v.iteration, "verdict": v.describe()}
 
 
-def pack_finished_runs(path) -> dict:
+def pack_finished_runs(path, *, spectral_summary: bool = False) -> dict:
     """Pack (``runio.pack_run``) every finished run in a sweep directory, or the run ``path``
-    itself.  Runs without a finished summary are left alone: they may still be appending."""
+    itself.  Runs without a finished summary are left alone: they may still be appending.
+    ``spectral_summary``: first replace their full spectra by a summary
+    (``diagnostics.summarize_spectra``; lossy, keeps sigma_max exact)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no such sweep or run directory: {path}")
@@ -84,6 +87,8 @@ def pack_finished_runs(path) -> dict:
         if not _is_finished(run_dir):
             unfinished.append(run_dir.name)
             continue
+        if spectral_summary:
+            summarize_spectra(run_dir)
         b, a = pack_run(run_dir)
         packed.append(run_dir.name)
         before, after = before + b, after + a
