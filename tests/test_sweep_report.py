@@ -89,6 +89,9 @@ def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  
         assert np.array_equal(summary[f"fro{i}"], spectra[f"fro{i}"])
     assert all(np.array_equal(a, b) for a, b in zip(sigma_max_curve(run, "attention"), sigma_attention))
     assert (run / "spectral_summary.bin").stat().st_size * 4 < len(logs["spectral.bin"])
+    (run / "spectral.bin").write_bytes(logs["spectral.bin"])   # left by a crash after the header went
+    pack_finished_runs(run, spectral_summary=True)   # again: removes it, and keeps the summary as it was
+    assert not list(run.glob("spectral.bin*")) and np.array_equal(read_spectral(run)[1], summary)
     with pytest.raises(ValueError, match="summarized"):
         SpectralRecorder(run, {})
 

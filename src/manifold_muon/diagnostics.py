@@ -62,6 +62,15 @@ def spectral_stats(w: torch.Tensor) -> dict[str, np.ndarray | float]:
     return {"sv": sv.cpu().numpy(), "diag": diag.cpu().numpy(), "off": off.item(), "fro": w.norm().item()}
 
 
+def _record_dtype(lengths: list[int]) -> np.dtype:
+    """One record: the iteration, then per matrix ``i`` its ``lengths[i]`` singular values and Gram
+    diagonal entries (all of them, or a summary's ranks), ``off`` and ``fro``."""
+    fields = [("iter", "<i8")]
+    for i, n in enumerate(lengths):
+        fields += [(f"sv{i}", "<f4", (n,)), (f"diag{i}", "<f4", (n,)), (f"off{i}", "<f4"), (f"fro{i}", "<f4")]
+    return np.dtype(fields)
+
+
 class SpectralRecorder:
     """Appends one fixed-size record per call to ``spectral.bin`` (see the module docstring)."""
 
@@ -72,10 +81,7 @@ class SpectralRecorder:
                              "or train into a new out_dir")
         self.names = list(named)
         sizes = {n: min(p.shape[-2:]) for n, p in named.items()}
-        fields = [("iter", "<i8")]
-        for i, n in enumerate(self.names):
-            fields += [(f"sv{i}", "<f4", (sizes[n],)), (f"diag{i}", "<f4", (sizes[n],)), (f"off{i}", "<f4"), (f"fro{i}", "<f4")]
-        self.dtype = np.dtype(fields)
+        self.dtype = _record_dtype([sizes[n] for n in self.names])
         self.path = Path(run_dir) / "spectral.bin"
         header = {"names": self.names, "groups": [module_group(n) for n in self.names],
                   "sizes": [sizes[n] for n in self.names], "dtype": self.dtype.descr}
@@ -123,29 +129,26 @@ def summarize_spectra(run_dir) -> bool:
     ``diag(W^T W)`` at the ranks of ``SUMMARY_QUANTILES`` (so ``sv{i}[:, 0]`` is still sigma_max),
     ``off`` and ``fro`` unchanged.  Lossy; for committed results (a ``gpt2-reduced`` run's spectra
     shrink about 60x).  The summary is written whole before the full files go, and readers prefer
-    the full ones, so a crash loses nothing.  Returns False where there was nothing to summarize."""
+    the full ones, so a crash loses nothing (run again, it finishes the removal).  Returns False
+    where the run has no spectra."""
     run_dir = Path(run_dir)
-    if not (run_dir / "spectral.json").is_file():
-        return False
     header, rec = read_spectral(run_dir)
     if header is None:
         return False
-    ranks = [_kept_ranks(size) for size in header["sizes"]]
-    fields = [("iter", "<i8")]
-    for i, kept in enumerate(ranks):
-        fields += [(f"sv{i}", "<f4", (len(kept),)), (f"diag{i}", "<f4", (len(kept),)), (f"off{i}", "<f4"), (f"fro{i}", "<f4")]
-    summary = np.zeros(len(rec), dtype=np.dtype(fields))
-    summary["iter"] = rec["iter"]
-    for i, kept in enumerate(ranks):
-        summary[f"sv{i}"] = rec[f"sv{i}"][:, kept]
-        summary[f"diag{i}"] = -np.sort(-rec[f"diag{i}"], axis=1)[:, kept]   # descending, as the singular values
-        summary[f"off{i}"], summary[f"fro{i}"] = rec[f"off{i}"], rec[f"fro{i}"]
-    replace_file(run_dir / "spectral_summary.bin", summary.tobytes())
-    replace_file(run_dir / "spectral_summary.json", json.dumps(
-        {**header, "dtype": summary.dtype.descr,
-         "summary": {"quantiles": list(SUMMARY_QUANTILES), "ranks": ranks,
-                     "of": "singular values (descending) and diag(W^T W) sorted descending"}}).encode())
-    for name in ("spectral.bin", "spectral.bin" + PACKED_SUFFIX, "spectral.json"):
+    if "summary" not in header:
+        ranks = [_kept_ranks(size) for size in header["sizes"]]
+        summary = np.zeros(len(rec), dtype=_record_dtype([len(kept) for kept in ranks]))
+        summary["iter"] = rec["iter"]
+        for i, kept in enumerate(ranks):
+            summary[f"sv{i}"] = rec[f"sv{i}"][:, kept]
+            summary[f"diag{i}"] = -np.sort(-rec[f"diag{i}"], axis=1)[:, kept]   # descending, as the singular values
+            summary[f"off{i}"], summary[f"fro{i}"] = rec[f"off{i}"], rec[f"fro{i}"]
+        replace_file(run_dir / "spectral_summary.bin", summary.tobytes())
+        replace_file(run_dir / "spectral_summary.json", json.dumps(
+            {**header, "dtype": summary.dtype.descr,
+             "summary": {"quantiles": list(SUMMARY_QUANTILES), "ranks": ranks,
+                         "of": "singular values (descending) and diag(W^T W) sorted descending"}}).encode())
+    for name in ("spectral.json", "spectral.bin", "spectral.bin" + PACKED_SUFFIX):   # also what a crash left
         (run_dir / name).unlink(missing_ok=True)
     return True
 
