@@ -1,0 +1,150 @@
+"""The README's commands and code, checked against the CLI, the library and the committed results.
+
+A README that drifts from the code is a bug a user meets first: these tests parse every
+``manifold-muon`` command the README shows, run its Python example and the example script, and
+check that the sweep commands it gives for the committed results name exactly the runs in
+``results/`` with the settings those runs recorded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from manifold_muon.cli import _split_overrides, build_parser
+from manifold_muon.config import make_config
+from manifold_muon.optim.allocation import PRESETS
+from manifold_muon.optim.dual import DIRECTION_MODES
+from manifold_muon.optim.manifolds import get_manifold
+from manifold_muon.sweep import run_name
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+WITH_OVERRIDES = ("train", "sweep", "bench")
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``manifold-muon`` (or ``-m manifold_muon``) command line of the README's bash blocks,
+    as the argv after the program name, with ``NAME="..."`` shell variables of a block expanded."""
+    commands = []
+    for block in code_blocks("bash"):
+        variables: dict[str, str] = {}
+        for line in block.splitlines():
+            assignment = re.fullmatch(r'([A-Z0-9_]+)="(.*)"', line.strip())
+            if assignment:
+                variables[assignment[1]] = assignment[2]
+                continue
+            line = re.sub(r"\$([A-Z0-9_]+)", lambda m: variables.get(m[1], m[0]), line)
+            words = shlex.split(line, comments=True)
+            for start, word in enumerate(words):
+                if word == "manifold-muon" or (word == "manifold_muon" and words[start - 1] == "-m"):
+                    commands.append(words[start + 1:])
+                    break
+    return commands
+
+
+def parse(argv: list[str]):
+    """The parsed command, or a test failure naming the README line that does not parse."""
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+    except SystemExit:
+        pytest.fail(f"README command does not parse: manifold-muon {' '.join(argv)}")
+    if extra and args.command not in WITH_OVERRIDES:
+        pytest.fail(f"README command has arguments {extra} that `{args.command}` does not take")
+    return args, _split_overrides(extra) if extra else {}
+
+
+def test_every_readme_command_parses_with_valid_settings():
+    commands = readme_commands()
+    assert len(commands) >= 40, f"found only {len(commands)} commands: is the block parser broken?"
+    assert {argv[0] for argv in commands} >= {"prepare", "train", "sweep", "report", "compare", "bench", "pack"}
+    for argv in commands:
+        args, overrides = parse(argv)
+        if args.command in WITH_OVERRIDES:
+            make_config(args.preset, overrides)  # unknown keys and bad values raise, naming them
+        for allocation in getattr(args, "allocations", "").split(",") + [getattr(args, "allocation", "hetero")]:
+            assert not allocation or allocation in PRESETS, f"{allocation!r} in: {' '.join(argv)}"
+        for mode in (getattr(args, "modes", None) or "").split(","):
+            assert not mode or mode in DIRECTION_MODES, f"{mode!r} in: {' '.join(argv)}"
+
+
+def documented_runs() -> dict[str, dict[str, tuple]]:
+    """``results/<sweep>`` -> {run name: (preset, allocation, mode, seed, overrides)} for every
+    README sweep command whose ``--out`` is under ``results/``."""
+    runs: dict[str, dict[str, tuple]] = {}
+    for argv in readme_commands():
+        args, overrides = parse(argv)
+        if args.command != "sweep" or not (args.out or "").startswith("results/"):
+            continue
+        modes = args.modes.split(",") if args.modes else [None]
+        for allocation in args.allocations.split(","):
+            for mode in modes:
+                for seed in map(int, args.seeds.split(",")):
+                    runs.setdefault(args.out, {})[run_name(allocation, seed, mode)] = (
+                        args.preset, allocation, mode, seed, overrides)
+    return runs
+
+
+def test_readme_sweep_commands_name_exactly_the_committed_runs():
+    documented = documented_runs()
+    committed = {str(p.parent.relative_to(ROOT)) for p in ROOT.glob("results/*/sweep.json")}
+    assert committed, "no committed sweeps found under results/"
+    # The GPU sweeps are documented before they are run; every committed one must be documented.
+    assert committed <= set(documented), f"committed sweeps no README command makes: {committed - set(documented)}"
+    for sweep in sorted(committed):
+        runs = documented[sweep]
+        on_disk = {p.parent.name for p in (ROOT / sweep).glob("*/config.json")}
+        assert set(runs) == on_disk, (f"{sweep}: runs the README's commands make but not committed "
+                                      f"{sorted(set(runs) - on_disk)}; committed but no command {sorted(on_disk - set(runs))}")
+        for name, (preset, allocation, mode, seed, overrides) in runs.items():
+            recorded = json.loads((ROOT / sweep / name / "config.json").read_text())
+            expected = make_config(preset, {**overrides, "allocation": allocation, "seed": str(seed),
+                                            **({"mode": mode} if mode else {})})
+            for key in ("preset", "allocation", "seed", "mode", *overrides):
+                value = getattr(expected, key, None)
+                value = getattr(expected.model, key) if value is None else value
+                got = recorded.get(key, recorded["model"].get(key))
+                assert got == value, f"{sweep}/{name}: {key} is {got!r}, the README's command gives {value!r}"
+
+
+def test_readme_python_example_runs_and_keeps_weights_on_their_manifolds():
+    (snippet,) = [b for b in code_blocks("python") if "ManifoldMuon(groups)" in b]
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    groups = namespace["groups"]
+    manifolds = {g["manifold"] for g in groups if g.get("manifold")}
+    assert {"stiefel", "dgram"} <= manifolds
+    for group in groups:
+        if group.get("manifold") in ("stiefel", "dgram"):
+            for p in group["params"]:
+                assert float(get_manifold(group["manifold"]).residual(p.detach()).max()) < 1e-5
+
+
+def test_example_script_trains_and_writes_its_report(tmp_path):
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, str(ROOT / "examples/demo_allocations.py"), "--steps", "6",
+                    "--allocations", "hetero,all-dgram", "--out", str(out)], check=True, capture_output=True, text=True,
+                   timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["allocation"] for r in results] == ["hetero", "all-dgram"]
+    for r in results:
+        assert math.isfinite(r["final_loss"]) and r["max_residual"] < 1e-5
+    assert "| hetero |" in (out / "report.md").read_text()
+
+
+def test_example_script_refuses_an_unknown_allocation(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "examples/demo_allocations.py"), "--allocations", "hetero,bogus",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "bogus" in done.stderr and "all-stiefel" in done.stderr
