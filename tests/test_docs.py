@@ -149,3 +149,18 @@ def test_example_script_refuses_an_unknown_allocation(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "examples/demo_allocations.py"), "--allocations", "hetero,bogus",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "bogus" in done.stderr and "all-stiefel" in done.stderr
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{b,c}d`` -> ``abd``, ``acd`` (one level, as the README writes file families)."""
+    found = re.search(r"\{([^{}]*)\}", pattern)
+    if not found:
+        return [pattern]
+    return [p for choice in found[1].split(",") for p in expand_braces(pattern[:found.start()] + choice + pattern[found.end():])]
+
+
+def test_every_file_the_readme_points_to_exists():
+    paths = set(re.findall(r"[`(]((?:results|benchmarks|scripts|examples|tests|src)/[^`)\s]*)", README))
+    assert len(paths) >= 20, f"found only {len(paths)} paths: is the pattern broken?"
+    missing = [p for p in sorted(paths) for q in expand_braces(p) if not list(ROOT.glob(q.rstrip("/")))]
+    assert not missing, f"the README points to files that are not in the repository: {missing}"
