@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifold_muon.cli import _split_overrides, build_parser
+from manifold_muon.cli import _csv, _split_overrides, build_parser
 from manifold_muon.config import TrainConfig, make_config
 from manifold_muon.optim.allocation import PRESETS
 from manifold_muon.optim.dual import DIRECTION_MODES
 from manifold_muon.optim.manifolds import get_manifold
-from manifold_muon.sweep import run_name
+from manifold_muon.sweep import plan_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -83,19 +83,18 @@ def test_every_readme_command_parses_with_valid_settings():
 
 
 def documented_runs() -> dict[str, dict[str, tuple]]:
-    """``results/<sweep>`` -> {run name: (preset, allocation, mode, seed, overrides)} for every
-    README sweep command whose ``--out`` is under ``results/``."""
+    """``results/<sweep>`` -> {run name: (preset, the run's overrides, the command's overrides)}
+    for every README sweep command whose ``--out`` is under ``results/``, planned as the sweep
+    plans them."""
     runs: dict[str, dict[str, tuple]] = {}
     for argv in readme_commands():
         args, overrides = parse(argv)
         if args.command != "sweep" or not (args.out or "").startswith("results/"):
             continue
-        modes = args.modes.split(",") if args.modes else [None]
-        for allocation in args.allocations.split(","):
-            for mode in modes:
-                for seed in map(int, args.seeds.split(",")):
-                    runs.setdefault(args.out, {})[run_name(allocation, seed, mode)] = (
-                        args.preset, allocation, mode, seed, overrides)
+        planned = plan_runs(_csv(args.allocations), _csv(args.seeds, int), args.out, overrides=overrides,
+                            modes=_csv(args.modes) if args.modes else None)
+        for run in planned:
+            runs.setdefault(args.out, {})[Path(run["out_dir"]).name] = (args.preset, run, overrides)
     return runs
 
 
@@ -110,10 +109,9 @@ def test_readme_sweep_commands_name_exactly_the_committed_runs():
         on_disk = {p.parent.name for p in (ROOT / sweep).glob("*/config.json")}
         assert set(runs) == on_disk, (f"{sweep}: runs the README's commands make but not committed "
                                       f"{sorted(set(runs) - on_disk)}; committed but no command {sorted(on_disk - set(runs))}")
-        for name, (preset, allocation, mode, seed, overrides) in runs.items():
+        for name, (preset, run, overrides) in runs.items():
             recorded = json.loads((ROOT / sweep / name / "config.json").read_text())
-            expected = make_config(preset, {**overrides, "allocation": allocation, "seed": str(seed),
-                                            **({"mode": mode} if mode else {})})
+            expected = make_config(preset, run)
             for key in ("preset", "allocation", "seed", "mode", *overrides):
                 model_field = key not in TRAIN_FIELDS   # make_config has refused keys of neither
                 value = getattr(expected.model if model_field else expected, key)

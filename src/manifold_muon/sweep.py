@@ -28,7 +28,7 @@ from .diagnostics import summarize_spectra
 from .runio import pack_run, read_jsonl, write_json
 from .stability import classify_stability
 
-__all__ = ["run_sweep", "collect_results", "run_name", "pack_finished_runs"]
+__all__ = ["run_sweep", "plan_runs", "collect_results", "run_name", "pack_finished_runs"]
 
 FINISHED = ("completed", "early_termination")
 #: Overrides that change how runs are operated, not what they compute: a sweep directory may mix them.
@@ -39,6 +39,22 @@ OPERATIONAL = frozenset({"fail_at_iter", "max_nonfinite", "quiet", "tensorboard"
 def run_name(allocation: str, seed: int, mode: str | None = None) -> str:
     """``<allocation>-s<seed>``, or ``<allocation>-<mode>-s<seed>`` when the sweep is given modes."""
     return f"{allocation}-{mode}-s{seed}" if mode else f"{allocation}-s{seed}"
+
+
+def plan_runs(allocations: list[str], seeds: list[int], out_dir, *, overrides: dict[str, str] | None = None,
+              modes: list[str] | None = None) -> list[dict[str, str]]:
+    """Each run's config overrides, allocation x mode x seed in launch order, its ``out_dir``
+    named by :func:`run_name` under ``out_dir``."""
+    runs = []
+    for allocation in allocations:
+        for mode in modes or [None]:
+            for seed in seeds:
+                run = {**(overrides or {}), "allocation": allocation, "seed": str(seed),
+                       "out_dir": str(Path(out_dir) / run_name(allocation, seed, mode)), "quiet": "true"}
+                if mode:
+                    run["mode"] = mode
+                runs.append(run)
+    return runs
 
 
 def _is_finished(run_dir: Path, max_iters: int | None = None) -> bool:
@@ -138,7 +154,6 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
     overrides = dict(overrides or {})
     if modes and "mode" in overrides:
         raise ValueError("give the mode either as --modes or as --mode=, not both")
-    axis = list(modes) if modes else [None]
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     gpus = torch.cuda.device_count()
@@ -146,19 +161,14 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
     jobs = len(slots) or jobs
     threads = max(1, (os.cpu_count() or 1) // jobs)
     _record_sweep(out_dir / "sweep.json", {"preset": preset, "allocations": allocations, "seeds": seeds,
-                                           "modes": [m for m in axis if m], "overrides": overrides, "jobs": jobs})
+                                           "modes": list(modes or []), "overrides": overrides, "jobs": jobs})
+    planned = plan_runs(allocations, seeds, out_dir, overrides=overrides, modes=modes)
     todo = []
-    for allocation in allocations:
-        for mode in axis:
-            for seed in seeds:
-                run_overrides = {**overrides, "allocation": allocation, "seed": str(seed),
-                                 "out_dir": str(out_dir / run_name(allocation, seed, mode)), "quiet": "true"}
-                if mode:
-                    run_overrides["mode"] = mode
-                cfg = make_config(preset, run_overrides)  # validates every override before anything runs
-                if not _is_finished(Path(cfg.out_dir), cfg.max_iters):
-                    todo.append(run_overrides)
-    skipped = len(allocations) * len(axis) * len(seeds) - len(todo)
+    for run_overrides in planned:
+        cfg = make_config(preset, run_overrides)  # validates every override before anything runs
+        if not _is_finished(Path(cfg.out_dir), cfg.max_iters):
+            todo.append(run_overrides)
+    skipped = len(planned) - len(todo)
     if skipped and not quiet:
         print(f"{skipped} finished run(s) skipped; {len(todo)} to run")
 
