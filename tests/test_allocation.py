@@ -30,6 +30,42 @@ def test_presets_claim_every_trainable_parameter_exactly_once_on_gpt_and_llama(p
         ManifoldMuon(groups)  # the groups are valid optimizer input
 
 
+SCALE_CONTROL = {"all-dgram-capped": ("dgram-capped", "dgram-capped", 1.0),
+                 "hetero-inv-capped": ("dgram-capped", "stiefel", 1.0),
+                 "all-dgram-cap2": ("dgram-cap2", "dgram-cap2", 2.0),
+                 "hetero-inv-cap2": ("dgram-cap2", "stiefel", 2.0)}
+
+
+def _sigma_max_after_large_steps(preset, steps=5, lr=2.0):
+    """Attention's largest sigma_max after a few large steps that push DGram columns to grow
+    (fast mode: the cap acts in the retraction, which every mode shares)."""
+    torch.manual_seed(0)
+    model = TinyGPT()
+    groups = resolve(model, preset)
+    for g in groups:
+        g.update(lr=lr, mode="fast")
+    opt = ManifoldMuon(groups)
+    idx = torch.randint(0, 32, (4, 16))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(idx).pow(2).mean().neg().backward()   # reward large logits: scale is what it wants
+        opt.step()
+    return max(torch.linalg.matrix_norm(p.detach(), 2).item()
+               for n, p in model.named_parameters() if ".attn." in n and n.endswith("weight"))
+
+
+@pytest.mark.parametrize("preset", sorted(SCALE_CONTROL))
+def test_scale_control_presets_cap_dgram_and_hold_sigma_max_at_the_cap(preset):
+    attention, mlp, cap = SCALE_CONTROL[preset]
+    groups = by_name(resolve(TinyGPT(), preset))
+    assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == attention
+    assert groups["transformer.h.1.mlp.c_proj.weight"]["manifold"] == mlp
+    assert get_manifold(attention).cap == cap
+    uncapped = _sigma_max_after_large_steps(preset.split("-cap")[0])   # all-dgram or hetero-inv
+    assert uncapped > cap + 0.5, "the uncapped twin must outgrow the cap, or this test shows nothing"
+    assert _sigma_max_after_large_steps(preset) <= cap * (1 + 1e-5)
+
+
 def test_hetero_on_nanogpt_names():
     groups = by_name(resolve(TinyGPT(), "hetero"))
     assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"

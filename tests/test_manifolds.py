@@ -84,6 +84,8 @@ def test_capped_dgram_clips_long_columns_to_the_cap_and_bounds_sigma_max():
     torch.testing.assert_close(out[:, short], w[:, short], atol=1e-9, rtol=0)   # short columns untouched
     assert torch.linalg.matrix_norm(out, 2) <= 1 + 1e-9 and capped.residual(out) < 1e-9
     assert torch.linalg.matrix_norm(DGram(cap=2.5).retract(w), 2) <= 2.5 + 1e-9
+    loose = get_manifold("dgram-cap2").retract(w)
+    torch.testing.assert_close(loose.norm(dim=0), norms.clamp(max=2.0), atol=1e-9, rtol=0)
     with pytest.raises(ValueError, match="cap must be a positive"):
         DGram(cap=0.0)
 
@@ -107,7 +109,7 @@ def test_stack_of_matrices_is_handled_per_matrix():
 def test_manifolds_are_immutable_and_unknown_names_list_the_choices():
     with pytest.raises(Exception):
         get_manifold("stiefel").name = "dgram"
-    with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, dgram-capped, oblique, spectral"):
+    with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, dgram-capped, dgram-cap2, oblique, spectral"):
         get_manifold("grassmann")
 
 

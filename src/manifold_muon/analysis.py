@@ -172,7 +172,9 @@ def divergence_iter(run_dir, verdict: dict) -> int | None:
 
 #: Allocation pairs whose gap the report tests: the paper's ordering, and scale control.
 GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hetero", "unconstrained"),
-             ("all-dgram-capped", "all-dgram"), ("hetero-inv-capped", "hetero-inv"))
+             ("all-dgram-capped", "all-dgram"), ("hetero-inv-capped", "hetero-inv"),
+             ("all-dgram-cap2", "all-dgram"), ("hetero-inv-cap2", "hetero-inv"),
+             ("all-dgram-cap2", "all-dgram-capped"), ("hetero-inv-cap2", "hetero-inv-capped"))
 
 
 def finite_values(values) -> list[float]:

@@ -23,7 +23,8 @@ from .sweep import collect_results
 __all__ = ["build_report", "table_rows", "format_table", "gap_rows", "chain_rows", "mode_rows", "markdown_table"]
 
 PRETTY = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "DGram", "muon/oblique": "Oblique",
-          "muon/dgram-capped": "DGram, capped", "muon/dgram-svd": "DGram (SVD retraction)",
+          "muon/dgram-capped": "DGram, capped", "muon/dgram-cap2": "DGram, capped at 2",
+          "muon/dgram-svd": "DGram (SVD retraction)",
           "adamw/none": "AdamW", "adamw/stiefel": "AdamW+Stiefel", "adamw/spectral": "AdamW+spectral"}
 
 

@@ -104,6 +104,9 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
     # scale control (beyond the paper): DGram with column norms, hence sigma_max, capped at 1
     "all-dgram-capped": _split(lambda p: _muon(p, "dgram-capped"), lambda p: _muon(p, "dgram-capped")),
     "hetero-inv-capped": _split(lambda p: _muon(p, "dgram-capped"), lambda p: _muon(p, "stiefel")),
+    # the same with a looser cap of 2: does it keep the cure at a high rate without the price at a low one?
+    "all-dgram-cap2": _split(lambda p: _muon(p, "dgram-cap2"), lambda p: _muon(p, "dgram-cap2")),
+    "hetero-inv-cap2": _split(lambda p: _muon(p, "dgram-cap2"), lambda p: _muon(p, "stiefel")),
     # the seed plan's nine
     "baseline": _split(_adamw, _adamw),
     "muon_all": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),

@@ -167,7 +167,8 @@ class DGram(Manifold):
     ``cap`` are shortened to it.  On DGram the singular values *are* the column norms, so
     this bounds ``sigma_max(W) <= cap`` while leaving columns free to shrink; the direction
     is DGram's (the cap acts as a projection, as weight clipping would).  ``dgram-capped``
-    uses ``cap=1``, the Stiefel scale.
+    uses ``cap=1``, the Stiefel scale; ``dgram-cap2`` the looser ``cap=2``, which lets a
+    query-key product reach 4x the logits Stiefel allows.
     """
 
     name: str = "dgram"
@@ -254,6 +255,7 @@ MANIFOLDS = {
     "dgram": DGram(),
     "dgram-svd": DGram(name="dgram-svd", retraction="svd"),
     "dgram-capped": DGram(name="dgram-capped", cap=1.0),
+    "dgram-cap2": DGram(name="dgram-cap2", cap=2.0),
     "oblique": Oblique(),
     "spectral": SpectralBall(),
 }
@@ -261,7 +263,7 @@ MANIFOLDS = {
 
 def register_manifold(manifold: Manifold) -> Manifold:
     """Make a configured manifold nameable in rules and param groups, e.g.
-    ``register_manifold(DGram(name="dgram-c2", cap=2.0))``.  Groups hold names, not objects,
+    ``register_manifold(DGram(name="dgram-cap4", cap=4.0))``.  Groups hold names, not objects,
     so optimizer state dicts stay plain data (``torch.load(weights_only=True)`` reads them)."""
     if not isinstance(manifold, Manifold):
         raise TypeError(f"register_manifold needs a Manifold instance, got {type(manifold).__name__}")
@@ -273,7 +275,7 @@ def register_manifold(manifold: Manifold) -> Manifold:
 
 
 def get_manifold(name: str | Manifold) -> Manifold:
-    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, dgram-capped, oblique, spectral``)."""
+    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, dgram-capped, dgram-cap2, oblique, spectral``)."""
     if isinstance(name, Manifold):
         return name
     try:
