@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from manifold_muon.compare import build_comparison, compare_rows
 from manifold_muon.analysis import sigma_max_curve
@@ -107,6 +108,8 @@ def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811
     for fig in ("fig1_val_loss.png", "fig2_sigma_max.png", "fig3_mechanism.png"):
         assert f"]({fig})" in text
         assert (path.parent / fig).read_bytes()[:4] == b"\x89PNG"
+        with Image.open(path.parent / fig) as image:
+            assert image.mode == "P"   # palette PNG: a third of the bytes of matplotlib's RGBA
     with open(path.parent / "table1.csv") as f:
         rows = {r["allocation"]: r for r in csv.DictReader(f)}
     assert rows["hetero"]["attention"] == "Stiefel" and rows["hetero"]["mlp"] == "DGram"
