@@ -66,6 +66,23 @@ def test_scale_control_presets_cap_dgram_and_hold_sigma_max_at_the_cap(preset):
     assert _sigma_max_after_large_steps(preset) <= cap * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("preset", ["all-dgram-decay", "hetero-inv-decay"])
+def test_soft_cap_presets_let_sigma_max_pass_the_cap_but_draw_it_back_within_the_decay_bound(preset):
+    groups = by_name(resolve(TinyGPT(), preset))
+    assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "dgram-decay"
+    mlp = {"all-dgram-decay": "dgram-decay", "hetero-inv-decay": "stiefel"}[preset]
+    assert groups["transformer.h.1.mlp.c_proj.weight"]["manifold"] == mlp
+    manifold = get_manifold("dgram-decay")
+    steps, lr = 5, 2.0
+    overshoot = 0.0   # a step lengthens a column by at most lr; each step keeps (1 - lr d) of the overshoot
+    for _ in range(steps):
+        overshoot = (overshoot + lr) * (1 - lr * manifold.cap_decay)
+    soft = _sigma_max_after_large_steps(preset, steps, lr)
+    uncapped = _sigma_max_after_large_steps(preset.replace("-decay", ""), steps, lr)
+    assert manifold.cap + 0.5 < soft <= manifold.cap + overshoot + 1e-4   # past the cap, inside the bound
+    assert soft < uncapped - 1.0                                         # drawn back: well below no cap
+
+
 def test_hetero_on_nanogpt_names():
     groups = by_name(resolve(TinyGPT(), "hetero"))
     assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"

@@ -90,6 +90,29 @@ def test_capped_dgram_clips_long_columns_to_the_cap_and_bounds_sigma_max():
         DGram(cap=0.0)
 
 
+@pytest.mark.parametrize("shape", [(40, 3), (3, 40)])
+def test_soft_cap_shrinks_only_the_overshoot_by_lr_times_decay_and_keeps_the_columns_orthogonal(shape):
+    from manifold_muon.optim.manifolds import DGram
+    soft = DGram(cap=1.0, cap_decay=0.1)
+    tall = point_on("dgram", 40, 3, seed=6)
+    tall = tall / tall.norm(dim=0) * torch.tensor([0.5, 1.5, 3.0], dtype=torch.float64)
+    w = tall if shape == (40, 3) else tall.T
+    torch.testing.assert_close(soft.retract(w), w, atol=1e-9, rtol=0)   # the retraction does not clip ...
+    assert soft.residual(w) < 1e-9                                        # ... the set is DGram itself
+    out = soft.decay_toward_bound(w, lr=2.5)                              # keeps 1 - 2.5 * 0.1 of the overshoot
+    out_tall = out if shape == (40, 3) else out.T
+    expected = torch.tensor([0.5, 1.375, 2.5], dtype=torch.float64)
+    torch.testing.assert_close(out_tall.norm(dim=0), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out_tall / expected, tall / tall.norm(dim=0), atol=1e-12, rtol=0)
+    hard = soft.decay_toward_bound(tall, lr=50.0)                         # lr d >= 1: the hard cap, not past it
+    torch.testing.assert_close(hard.norm(dim=0), torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.linalg.matrix_norm(soft.init(w), 2) <= 1 + 1e-9                # init starts within the cap
+    assert get_manifold("dgram-capped").decay_toward_bound(w, lr=2.5) is w      # hard caps: identity
+    for bad in ({"cap_decay": 0.1}, {"cap": 1.0, "cap_decay": 0.0}):
+        with pytest.raises(ValueError, match="cap_decay must be a positive rate"):
+            DGram(**bad)
+
+
 def test_spectral_retraction_clips_singular_values_only_above_one():
     u, _ = torch.linalg.qr(random((12, 5)))
     v, _ = torch.linalg.qr(random((5, 5), seed=1))
@@ -109,7 +132,7 @@ def test_stack_of_matrices_is_handled_per_matrix():
 def test_manifolds_are_immutable_and_unknown_names_list_the_choices():
     with pytest.raises(Exception):
         get_manifold("stiefel").name = "dgram"
-    with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, dgram-capped, dgram-cap2, oblique, spectral"):
+    with pytest.raises(ValueError, match="none, stiefel, dgram, dgram-svd, dgram-capped, dgram-cap2, dgram-decay, oblique, spectral"):
         get_manifold("grassmann")
 
 

@@ -174,7 +174,9 @@ def divergence_iter(run_dir, verdict: dict) -> int | None:
 GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hetero", "unconstrained"),
              ("all-dgram-capped", "all-dgram"), ("hetero-inv-capped", "hetero-inv"),
              ("all-dgram-cap2", "all-dgram"), ("hetero-inv-cap2", "hetero-inv"),
-             ("all-dgram-cap2", "all-dgram-capped"), ("hetero-inv-cap2", "hetero-inv-capped"))
+             ("all-dgram-cap2", "all-dgram-capped"), ("hetero-inv-cap2", "hetero-inv-capped"),
+             ("all-dgram-decay", "all-dgram"), ("hetero-inv-decay", "hetero-inv"),
+             ("all-dgram-decay", "all-dgram-capped"), ("hetero-inv-decay", "hetero-inv-capped"))
 
 
 def finite_values(values) -> list[float]:

@@ -24,6 +24,7 @@ __all__ = ["build_report", "table_rows", "format_table", "gap_rows", "chain_rows
 
 PRETTY = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "DGram", "muon/oblique": "Oblique",
           "muon/dgram-capped": "DGram, capped", "muon/dgram-cap2": "DGram, capped at 2",
+          "muon/dgram-decay": "DGram, decayed toward 1",
           "muon/dgram-svd": "DGram (SVD retraction)",
           "adamw/none": "AdamW", "adamw/stiefel": "AdamW+Stiefel", "adamw/spectral": "AdamW+spectral"}
 

@@ -107,6 +107,9 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
     # the same with a looser cap of 2: does it keep the cure at a high rate without the price at a low one?
     "all-dgram-cap2": _split(lambda p: _muon(p, "dgram-cap2"), lambda p: _muon(p, "dgram-cap2")),
     "hetero-inv-cap2": _split(lambda p: _muon(p, "dgram-cap2"), lambda p: _muon(p, "stiefel")),
+    # a soft cap: the overshoot above 1 decays like weight decay 0.1 (the paper's), toward 1 not 0
+    "all-dgram-decay": _split(lambda p: _muon(p, "dgram-decay"), lambda p: _muon(p, "dgram-decay")),
+    "hetero-inv-decay": _split(lambda p: _muon(p, "dgram-decay"), lambda p: _muon(p, "stiefel")),
     # the seed plan's nine
     "baseline": _split(_adamw, _adamw),
     "muon_all": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),

@@ -114,6 +114,11 @@ class Manifold:
         """Scale-free distance from the manifold, per matrix (0 on it)."""
         return torch.zeros(w.shape[:-2], dtype=w.dtype, device=w.device)
 
+    def decay_toward_bound(self, w: torch.Tensor, lr: float) -> torch.Tensor:
+        """Scale control applied once per optimizer step, after the retraction, with the step's
+        learning rate.  The identity except on a DGram with a decayed cap."""
+        return w
+
 
 def wt_g_sym2(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``W^T G + G^T W`` for tall W, G."""
@@ -169,18 +174,33 @@ class DGram(Manifold):
     is DGram's (the cap acts as a projection, as weight clipping would).  ``dgram-capped``
     uses ``cap=1``, the Stiefel scale; ``dgram-cap2`` the looser ``cap=2``, which lets a
     query-key product reach 4x the logits Stiefel allows.
+
+    ``cap_decay`` (a soft cap): instead of clipping, each optimizer step multiplies the part
+    of a column's norm above ``cap`` by ``1 - lr * cap_decay`` (``decay_toward_bound``):
+    decoupled weight decay whose target is the cap instead of 0.  A column may then pass the
+    cap while the gradient keeps pushing it and is drawn back when the push stops; if one step
+    lengthens a column by at most ``lr`` (a direction of spectral norm 1), its overshoot
+    settles below ``(1 - lr d) / d`` for ``d = cap_decay``, whatever the rate: about ``1 / d``.
+    The set is then DGram itself (``residual`` ignores the overshoot); ``init`` still clips,
+    so training starts within the cap.  ``dgram-decay`` uses ``cap=1`` and ``cap_decay=0.1``,
+    the paper's weight decay.
     """
 
     name: str = "dgram"
     has_dual: bool = True
     retraction: str = "polar_colnorm"
     cap: float | None = None
+    cap_decay: float | None = None
 
     def __post_init__(self):
         if self.retraction not in ("polar_colnorm", "svd"):
             raise ValueError(f"unknown DGram retraction {self.retraction!r}; valid choices: polar_colnorm, svd")
         if self.cap is not None and not self.cap > 0:
             raise ValueError(f"DGram cap must be a positive column norm (or None for no cap), got {self.cap!r}")
+        if self.cap_decay is not None and not (self.cap is not None and self.cap_decay > 0):
+            raise ValueError(f"DGram cap_decay must be a positive rate with a cap to decay toward, got "
+                             f"cap_decay={self.cap_decay!r}, cap={self.cap!r}; valid: cap > 0 and cap_decay > 0, "
+                             "or cap_decay=None for a hard cap")
 
     def project(self, s):
         return s * (1 - _eye_like(s.shape[-1], s))
@@ -189,16 +209,26 @@ class DGram(Manifold):
         if self.retraction == "svd":
             work = w.to(work_dtype(w))
             u, s, vh = torch.linalg.svd(work, full_matrices=False)
-            return self._clip_columns((u @ vh) * s.unsqueeze(-2)).to(w.dtype)
+            return self._clip_columns((u @ vh) * s.unsqueeze(-2), exact).to(w.dtype)
         norms = w.norm(dim=-2, keepdim=True)
         unit = w / norms.clamp(min=torch.finfo(w.dtype).tiny)
-        return self._clip_columns(_polar(unit, exact) * norms).to(w.dtype)
+        return self._clip_columns(_polar(unit, exact) * norms, exact).to(w.dtype)
 
-    def _clip_columns(self, w: torch.Tensor) -> torch.Tensor:
-        if self.cap is None:
+    def _clip_columns(self, w: torch.Tensor, exact: bool) -> torch.Tensor:
+        # a soft cap acts in decay_toward_bound; only init (exact) clips it
+        if self.cap is None or (self.cap_decay is not None and not exact):
             return w
         norms = w.norm(dim=-2, keepdim=True)
         return w * (self.cap / norms.clamp(min=self.cap))
+
+    def decay_toward_bound(self, w, lr):
+        if self.cap_decay is None:
+            return w
+        wt, wide = as_tall(w)
+        norms = wt.norm(dim=-2, keepdim=True)
+        over = (norms - self.cap).clamp(min=0)
+        shrunk = norms - over * min(lr * self.cap_decay, 1.0)   # never past the cap
+        return _untall(wt * (shrunk / norms.clamp(min=torch.finfo(w.dtype).tiny)), wide)
 
     @library_matmul_precision()  # a 1e-8 residual must not read as TF32's 1e-4
     def residual(self, w):
@@ -208,7 +238,7 @@ class DGram(Manifold):
         d = diag.clamp(min=torch.finfo(w.dtype).tiny).rsqrt()
         cosines = gram * d.unsqueeze(-1) * d.unsqueeze(-2)
         off = self.project(cosines).pow(2).mean(dim=(-2, -1))
-        if self.cap is None:
+        if self.cap is None or self.cap_decay is not None:
             return off.sqrt()
         excess = (diag.sqrt() / self.cap - 1).clamp(min=0)  # relative overshoot of the cap
         return (off + excess.pow(2).mean(dim=-1)).sqrt()
@@ -256,6 +286,7 @@ MANIFOLDS = {
     "dgram-svd": DGram(name="dgram-svd", retraction="svd"),
     "dgram-capped": DGram(name="dgram-capped", cap=1.0),
     "dgram-cap2": DGram(name="dgram-cap2", cap=2.0),
+    "dgram-decay": DGram(name="dgram-decay", cap=1.0, cap_decay=0.1),
     "oblique": Oblique(),
     "spectral": SpectralBall(),
 }
@@ -275,7 +306,7 @@ def register_manifold(manifold: Manifold) -> Manifold:
 
 
 def get_manifold(name: str | Manifold) -> Manifold:
-    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, dgram-capped, dgram-cap2, oblique, spectral``)."""
+    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, dgram-capped, dgram-cap2, dgram-decay, oblique, spectral``)."""
     if isinstance(name, Manifold):
         return name
     try:

@@ -54,9 +54,9 @@ scale-invariant, so the two produce the same update up to rounding; only the
 momentum buffers in their states differ by that factor.
 
 Manifold groups take ``A = manifold_direction(W, G)``, then ``W <- retract(W - lr A)``
-(the retraction last); their weight decay defaults to 0 in the presets.  An ``"adamw"``
-group with a manifold takes torch's AdamW step and then retracts: the seed plan's
-"wrap any optimizer".
+(the retraction last, then ``decay_toward_bound(W, lr)``, the identity except for a soft
+cap); their weight decay defaults to 0 in the presets.  An ``"adamw"`` group with a manifold
+takes torch's AdamW step and then retracts: the seed plan's "wrap any optimizer".
 
 Weights start on their manifold: the constructor projects every managed parameter
 onto its manifold with ``Manifold.init`` (an exact, SVD-based projection) under
@@ -277,7 +277,8 @@ class ManifoldMuon(torch.optim.Optimizer):
         manifold = get_manifold(group["manifold"])
         if manifold.name != "none":  # "wrap any optimizer": AdamW step, then retract
             for p in params:
-                _oriented(p, group).copy_(manifold.retract(_oriented(p, group)))
+                _oriented(p, group).copy_(manifold.decay_toward_bound(manifold.retract(_oriented(p, group)),
+                                                                      group["lr"]))
 
     # ---- Muon and Manifold Muon ---------------------------------------------------------------
     def _momentum_directions(self, group, batch) -> list[torch.Tensor]:
@@ -337,7 +338,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 w = w * (1 - lr * wd)
             w = torch.add(w, a.to(w.dtype), alpha=-scale)
             if manifold.name != "none":
-                w = manifold.retract(w)
+                w = manifold.decay_toward_bound(manifold.retract(w), lr)
             if self.collect_stats:  # before the gather: each rank reports the matrices it solved
                 self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result, compiled_gap)
             w_all = gather_slices(w, len(batch), world_size)
