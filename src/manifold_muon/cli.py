@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are config overrides applied to every run, e.g. --muon_lr=0.16.")
     w.add_argument("--preset", default="tiny-cpu", help="config preset: " + PRESET_HELP)
     w.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
-                   help="comma-separated allocation presets (default: the paper's five)")
+                   help="comma-separated allocation presets (default: the paper's five), from: " + ", ".join(PRESETS))
     w.add_argument("--seeds", default="1", help="comma-separated seeds (default 1)")
     w.add_argument("--modes", help="direction-solver modes to compare, e.g. paper,improved: every allocation x seed "
                                    "runs once per mode, in <allocation>-<mode>-s<seed>/ (default: the preset's "
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(TF32 for the optimizer's float32 matmuls on GPUs).")
     b.add_argument("--preset", default="tiny-cpu", help="config preset (gpt2-small on a GPU is the paper's model)")
     b.add_argument("--allocations", default="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv",
-                   help="comma-separated allocation presets to time (default: the paper's five)")
+                   help="comma-separated allocation presets to time (default: the paper's five), from: "
+                        + ", ".join(PRESETS))
     b.add_argument("--modes", default="paper,fast,improved",
                    help="Manifold Muon solver modes to time per allocation (improved is slow at GPT-2 scale)")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds after 2 warm-up rounds (default 5)")
