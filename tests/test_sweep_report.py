@@ -241,3 +241,11 @@ def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, t
         build_comparison(sweeps[:1], tmp_path / "cmp")
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
         build_comparison([sweeps[0], tmp_path / "nope"], tmp_path / "cmp")
+
+
+def test_every_allocation_keeps_its_own_colour_past_ten():
+    from matplotlib.colors import to_hex
+    from manifold_muon.figures import allocation_colour
+    for count in (5, 10, 11, 16):
+        colours = [to_hex(allocation_colour(i, count)) for i in range(count)]
+        assert len(set(colours)) == count, (count, colours)

@@ -11,7 +11,7 @@ import numpy as np
 from .analysis import (CHAIN, CHAIN_LABELS, CHAIN_SIGNALS, baseline, health_curve, mechanism_curve, sigma_max_curve,
                        val_curve)
 
-__all__ = ["make_figures", "plot_causal_chains", "plot_comparison", "shrink_png"]
+__all__ = ["make_figures", "plot_causal_chains", "plot_comparison", "shrink_png", "allocation_colour"]
 
 STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]
 
@@ -21,6 +21,17 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def allocation_colour(index: int, count: int):
+    """One colour per allocation: matplotlib's ten-colour cycle while it suffices, tab20 beyond
+    (its ten dark shades first, then the light ones), so that an eleventh allocation does not
+    wear the first one's colour."""
+    if count <= 10:
+        return f"C{index}"
+    import matplotlib
+    index %= 20
+    return matplotlib.colormaps["tab20"](2 * index if index < 10 else 2 * (index - 10) + 1)
 
 
 def _series(out_dir: Path, results: list[dict], load) -> dict[tuple, list]:
@@ -40,7 +51,8 @@ def _plot_panel(ax, series, *, title, ylabel, log=False):
         style = STYLES[modes.index(mode) % len(STYLES)] if len(modes) > 1 else STYLES[i % len(STYLES)]
         label = f"{alloc} [{mode}]" if len(modes) > 1 else alloc
         for j, (x, y) in enumerate(runs):
-            ax.plot(x, y, color=f"C{i}", ls=style, alpha=0.9 if len(runs) == 1 else 0.55, lw=1.8,
+            ax.plot(x, y, color=allocation_colour(i, len(allocations)), ls=style,
+                    alpha=0.9 if len(runs) == 1 else 0.55, lw=1.8,
                     label=label if j == 0 else None)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("iteration")
@@ -161,7 +173,7 @@ def plot_comparison(labels: list[str], rows: list[dict], path: Path) -> str:
     for ax, (key, title, log) in zip(axes, panels):
         for r in rows:
             y = np.array([np.nan if e is None or e[key] is None else e[key] for e in r["sweeps"]], dtype=float)
-            ax.plot(x, y, color=f"C{allocations.index(r['allocation']) % 10}", marker="o",
+            ax.plot(x, y, color=allocation_colour(allocations.index(r["allocation"]), len(allocations)), marker="o",
                     ls=STYLES[modes.index(r["mode"]) % len(STYLES)], label=f"{r['allocation']} [{r['mode']}]")
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_title(title, fontsize=10)
