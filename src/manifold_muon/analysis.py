@@ -176,7 +176,8 @@ GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hete
              ("all-dgram-cap2", "all-dgram"), ("hetero-inv-cap2", "hetero-inv"),
              ("all-dgram-cap2", "all-dgram-capped"), ("hetero-inv-cap2", "hetero-inv-capped"),
              ("all-dgram-decay", "all-dgram"), ("hetero-inv-decay", "hetero-inv"),
-             ("all-dgram-decay", "all-dgram-capped"), ("hetero-inv-decay", "hetero-inv-capped"))
+             ("all-dgram-decay", "all-dgram-capped"), ("hetero-inv-decay", "hetero-inv-capped"),
+             ("all-dgram-decay", "all-dgram-cap2"), ("hetero-inv-decay", "hetero-inv-cap2"))
 
 
 def finite_values(values) -> list[float]:
