@@ -15,6 +15,7 @@ Each manifold is a small frozen object with pure methods.  Conventions:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,8 @@ class Manifold:
     def init(self, w: torch.Tensor) -> torch.Tensor:
         """Project an arbitrary initialisation onto the manifold (computed in float32 or better)."""
         work = w.to(work_dtype(w))
-        return self.retract(work, exact=True).to(w.dtype)
+        # an unbounded step takes any decay toward a bound all the way: training starts within it
+        return self.decay_toward_bound(self.retract(work, exact=True), math.inf).to(w.dtype)
 
     def residual(self, w: torch.Tensor) -> torch.Tensor:
         """Scale-free distance from the manifold, per matrix (0 on it)."""
@@ -116,7 +118,7 @@ class Manifold:
 
     def decay_toward_bound(self, w: torch.Tensor, lr: float) -> torch.Tensor:
         """Scale control applied once per optimizer step, after the retraction, with the step's
-        learning rate.  The identity except on a DGram with a decayed cap."""
+        learning rate (``init`` passes ``inf``).  The identity except on a DGram with a decayed cap."""
         return w
 
 
@@ -209,14 +211,14 @@ class DGram(Manifold):
         if self.retraction == "svd":
             work = w.to(work_dtype(w))
             u, s, vh = torch.linalg.svd(work, full_matrices=False)
-            return self._clip_columns((u @ vh) * s.unsqueeze(-2), exact).to(w.dtype)
+            return self._clip_columns((u @ vh) * s.unsqueeze(-2)).to(w.dtype)
         norms = w.norm(dim=-2, keepdim=True)
         unit = w / norms.clamp(min=torch.finfo(w.dtype).tiny)
-        return self._clip_columns(_polar(unit, exact) * norms, exact).to(w.dtype)
+        return self._clip_columns(_polar(unit, exact) * norms).to(w.dtype)
 
-    def _clip_columns(self, w: torch.Tensor, exact: bool) -> torch.Tensor:
-        # a soft cap acts in decay_toward_bound; only init (exact) clips it
-        if self.cap is None or (self.cap_decay is not None and not exact):
+    def _clip_columns(self, w: torch.Tensor) -> torch.Tensor:
+        # the hard cap only: a soft one acts in decay_toward_bound
+        if self.cap is None or self.cap_decay is not None:
             return w
         norms = w.norm(dim=-2, keepdim=True)
         return w * (self.cap / norms.clamp(min=self.cap))
