@@ -83,6 +83,27 @@ def test_soft_cap_presets_let_sigma_max_pass_the_cap_but_draw_it_back_within_the
     assert soft < uncapped - 1.0                                         # drawn back: well below no cap
 
 
+@pytest.mark.parametrize("preset", ["all-dgram-wd", "hetero-inv-wd"])
+def test_weight_decay_presets_give_dgram_unconstrained_muons_decay_and_shrink_sigma_max(preset):
+    groups = by_name(resolve(TinyGPT(), preset))
+    attention, mlp = groups["transformer.h.0.attn.c_attn.weight"], groups["transformer.h.1.mlp.c_proj.weight"]
+    muon = groups["transformer.h.0.mlp.c_fc.weight"] if preset == "all-dgram-wd" else None
+    unconstrained = by_name(resolve(TinyGPT(), "unconstrained"))["transformer.h.0.attn.c_attn.weight"]
+    assert (attention["manifold"], attention["weight_decay"]) == ("dgram", unconstrained["weight_decay"]) == ("dgram", 0.1)
+    assert (mlp["manifold"], mlp["weight_decay"]) == {"all-dgram-wd": ("dgram", 0.1),
+                                                      "hetero-inv-wd": ("stiefel", 0.0)}[preset]
+    assert muon is None or muon["weight_decay"] == 0.1
+    steps, lr, wd = 5, 2.0, 0.1
+    # A column norm n moves to at most n (1 - lr wd) + lr per step (the direction's columns have
+    # norm <= 1, and DGram's retraction keeps column norms); init starts them at most at 1.
+    bound = 1.0
+    for _ in range(steps):
+        bound = bound * (1 - lr * wd) + lr
+    decayed = _sigma_max_after_large_steps(preset, steps, lr)
+    free = _sigma_max_after_large_steps(preset.replace("-wd", ""), steps, lr)
+    assert decayed <= bound + 1e-4 and decayed < free - 1.0   # the decay pulls it well below the twin
+
+
 def test_hetero_on_nanogpt_names():
     groups = by_name(resolve(TinyGPT(), "hetero"))
     assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"

@@ -8,11 +8,13 @@ from PIL import Image
 
 from manifold_muon.compare import build_comparison, compare_rows
 from manifold_muon.analysis import sigma_max_curve
-from manifold_muon.report import build_report
+from manifold_muon import resolve, save_allocation
+from manifold_muon.report import _constraint, build_report
 from manifold_muon.diagnostics import SpectralRecorder, read_spectral
 from manifold_muon.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
 from manifold_muon import sweep
 from manifold_muon.sweep import _gpu_slots, pack_finished_runs, run_sweep
+from conftest import TinyGPT
 from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
 
 ALLOCS = ["unconstrained", "hetero"]
@@ -249,3 +251,11 @@ def test_every_allocation_keeps_its_own_colour_past_ten():
     for count in (5, 10, 11, 16):
         colours = [to_hex(allocation_colour(i, count)) for i in range(count)]
         assert len(set(colours)) == count, (count, colours)
+
+
+def test_table_names_the_weight_decay_a_preset_gives_manifold_weights(tmp_path):
+    for preset, attention, mlp in (("hetero-inv-wd", "DGram + weight decay 0.1", "Stiefel"),
+                                   ("hetero-inv", "DGram", "Stiefel"),
+                                   ("unconstrained", "None (Muon)", "None (Muon)")):   # Muon's own decay goes unsaid
+        save_allocation(resolve(TinyGPT(), preset), tmp_path / "allocation.json")
+        assert (_constraint(tmp_path, "attention"), _constraint(tmp_path, "mlp")) == (attention, mlp)

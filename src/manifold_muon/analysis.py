@@ -177,7 +177,10 @@ GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hete
              ("all-dgram-cap2", "all-dgram-capped"), ("hetero-inv-cap2", "hetero-inv-capped"),
              ("all-dgram-decay", "all-dgram"), ("hetero-inv-decay", "hetero-inv"),
              ("all-dgram-decay", "all-dgram-capped"), ("hetero-inv-decay", "hetero-inv-capped"),
-             ("all-dgram-decay", "all-dgram-cap2"), ("hetero-inv-decay", "hetero-inv-cap2"))
+             ("all-dgram-decay", "all-dgram-cap2"), ("hetero-inv-decay", "hetero-inv-cap2"),
+             ("all-dgram-wd", "all-dgram"), ("hetero-inv-wd", "hetero-inv"),
+             ("all-dgram-wd", "all-dgram-decay"), ("hetero-inv-wd", "hetero-inv-decay"),
+             ("all-dgram-wd", "unconstrained"), ("hetero-inv-wd", "hetero"))
 
 
 def finite_values(values) -> list[float]:

@@ -29,10 +29,16 @@ PRETTY = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "
           "adamw/none": "AdamW", "adamw/stiefel": "AdamW+Stiefel", "adamw/spectral": "AdamW+spectral"}
 
 
+def _constraint_name(row: dict) -> str:
+    name = PRETTY.get(f"{row['algorithm']}/{row['manifold']}", f"{row['algorithm']}/{row['manifold']}")
+    # Manifold weights normally get no weight decay; say so where a preset gives them some.
+    decays = row["manifold"] != "none" and row.get("weight_decay", 0) > 0
+    return f"{name} + weight decay {row['weight_decay']:g}" if decays else name
+
+
 def _constraint(run_dir: Path, group: str) -> str:
     rows = json.loads((run_dir / "allocation.json").read_text())
-    found = {f"{r['algorithm']}/{r['manifold']}" for r in rows if module_group(r["name"]) == group}
-    return ", ".join(sorted(PRETTY.get(f, f) for f in found)) or "-"
+    return ", ".join(sorted({_constraint_name(r) for r in rows if module_group(r["name"]) == group})) or "-"
 
 
 def _mean_std(values: list[float]) -> str:

@@ -76,9 +76,18 @@ class Rule:
         return f"Rule({self.pattern!r}, {self.algorithm!r}, {self.manifold!r}{nd}{extra})"
 
 
-def _muon(pattern, manifold):
-    # Unconstrained Muon keeps the paper's decoupled weight decay; manifold weights get none.
-    return Rule(pattern, "muon", manifold, lr=MUON_LR, weight_decay=ADAMW_WD if manifold == "none" else 0.0)
+def _muon(pattern, manifold, weight_decay=None):
+    # Unconstrained Muon keeps the paper's decoupled weight decay; manifold weights get none
+    # (as in the reference code) unless a preset asks for it.
+    if weight_decay is None:
+        weight_decay = ADAMW_WD if manifold == "none" else 0.0
+    return Rule(pattern, "muon", manifold, lr=MUON_LR, weight_decay=weight_decay)
+
+
+def _dgram_with_decay(pattern):
+    # DGram leaves column norms free; this gives them unconstrained Muon's decoupled weight decay
+    # (0.1, toward 0), so the only difference from "unconstrained" is the DGram constraint.
+    return _muon(pattern, "dgram", weight_decay=ADAMW_WD)
 
 
 def _adamw(pattern, manifold="none"):
@@ -110,6 +119,10 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
     # a soft cap: the overshoot above 1 decays like weight decay 0.1 (the paper's), toward 1 not 0
     "all-dgram-decay": _split(lambda p: _muon(p, "dgram-decay"), lambda p: _muon(p, "dgram-decay")),
     "hetero-inv-decay": _split(lambda p: _muon(p, "dgram-decay"), lambda p: _muon(p, "stiefel")),
+    # plain DGram with ordinary weight decay 0.1 toward 0, as unconstrained Muon has: is the
+    # failure of DGram attention only a missing weight decay?
+    "all-dgram-wd": _split(_dgram_with_decay, _dgram_with_decay),
+    "hetero-inv-wd": _split(_dgram_with_decay, lambda p: _muon(p, "stiefel")),
     # the seed plan's nine
     "baseline": _split(_adamw, _adamw),
     "muon_all": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),
