@@ -95,8 +95,8 @@ def test_weight_decay_presets_give_dgram_unconstrained_muons_decay_and_shrink_si
     assert muon is None or muon["weight_decay"] == 0.1
     steps, lr, wd = 5, 2.0, 0.1
     # A column norm n moves to at most n (1 - lr wd) + lr per step (the direction's columns have
-    # norm <= 1, and DGram's retraction keeps column norms); init starts them at most at 1.
-    bound = 1.0
+    # norm <= 1, and DGram's retraction keeps column norms), starting from init's largest.
+    bound = _sigma_max_after_large_steps(preset, 0, lr)
     for _ in range(steps):
         bound = bound * (1 - lr * wd) + lr
     decayed = _sigma_max_after_large_steps(preset, steps, lr)
