@@ -87,12 +87,12 @@ def test_soft_cap_presets_let_sigma_max_pass_the_cap_but_draw_it_back_within_the
 def test_weight_decay_presets_give_dgram_unconstrained_muons_decay_and_shrink_sigma_max(preset):
     groups = by_name(resolve(TinyGPT(), preset))
     attention, mlp = groups["transformer.h.0.attn.c_attn.weight"], groups["transformer.h.1.mlp.c_proj.weight"]
-    muon = groups["transformer.h.0.mlp.c_fc.weight"] if preset == "all-dgram-wd" else None
+    mlp_fc = groups["transformer.h.0.mlp.c_fc.weight"] if preset == "all-dgram-wd" else None
     unconstrained = by_name(resolve(TinyGPT(), "unconstrained"))["transformer.h.0.attn.c_attn.weight"]
     assert (attention["manifold"], attention["weight_decay"]) == ("dgram", unconstrained["weight_decay"]) == ("dgram", 0.1)
     assert (mlp["manifold"], mlp["weight_decay"]) == {"all-dgram-wd": ("dgram", 0.1),
                                                       "hetero-inv-wd": ("stiefel", 0.0)}[preset]
-    assert muon is None or muon["weight_decay"] == 0.1
+    assert mlp_fc is None or mlp_fc["weight_decay"] == 0.1
     steps, lr, wd = 5, 2.0, 0.1
     # A column norm n moves to at most n (1 - lr wd) + lr per step (the direction's columns have
     # norm <= 1, and DGram's retraction keeps column norms), starting from init's largest.

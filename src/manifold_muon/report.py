@@ -30,7 +30,8 @@ PRETTY = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "
 
 
 def _constraint_name(row: dict) -> str:
-    name = PRETTY.get(f"{row['algorithm']}/{row['manifold']}", f"{row['algorithm']}/{row['manifold']}")
+    key = f"{row['algorithm']}/{row['manifold']}"
+    name = PRETTY.get(key, key)
     # Manifold weights normally get no weight decay; say so where a preset gives them some.
     decays = row["manifold"] != "none" and row.get("weight_decay", 0) > 0
     return f"{name} + weight decay {row['weight_decay']:g}" if decays else name
