@@ -36,9 +36,10 @@ SCALE_CONTROL = {"all-dgram-capped": ("dgram-capped", "dgram-capped", 1.0),
                  "hetero-inv-cap2": ("dgram-cap2", "stiefel", 2.0)}
 
 
-def _sigma_max_after_large_steps(preset, steps=5, lr=2.0):
-    """Attention's largest sigma_max after a few large steps that push DGram columns to grow
-    (fast mode: the cap acts in the retraction, which every mode shares)."""
+def _sigma_max_after_large_steps(preset, steps=5, lr=2.0, part=".attn."):
+    """The largest sigma_max among ``part``'s weights (attention by default) after a few large
+    steps that push DGram columns to grow (fast mode: the cap acts in the retraction, which
+    every mode shares)."""
     torch.manual_seed(0)
     model = TinyGPT()
     groups = resolve(model, preset)
@@ -51,7 +52,7 @@ def _sigma_max_after_large_steps(preset, steps=5, lr=2.0):
         model(idx).pow(2).mean().neg().backward()   # reward large logits: scale is what it wants
         opt.step()
     return max(torch.linalg.matrix_norm(p.detach(), 2).item()
-               for n, p in model.named_parameters() if ".attn." in n and n.endswith("weight"))
+               for n, p in model.named_parameters() if part in n and n.endswith("weight"))
 
 
 @pytest.mark.parametrize("preset", sorted(SCALE_CONTROL))
@@ -83,24 +84,32 @@ def test_soft_cap_presets_let_sigma_max_pass_the_cap_but_draw_it_back_within_the
     assert soft < uncapped - 1.0                                         # drawn back: well below no cap
 
 
-@pytest.mark.parametrize("preset", ["all-dgram-wd", "hetero-inv-wd"])
+#: preset -> ((manifold, weight decay) of attention, the same of the MLP, the part whose DGram decays)
+WEIGHT_DECAY = {"all-dgram-wd": (("dgram", 0.1), ("dgram", 0.1), ".attn."),
+                "hetero-inv-wd": (("dgram", 0.1), ("stiefel", 0.0), ".attn."),
+                "hetero-wd": (("stiefel", 0.0), ("dgram", 0.1), ".mlp.")}
+
+
+@pytest.mark.parametrize("preset", sorted(WEIGHT_DECAY))
 def test_weight_decay_presets_give_dgram_unconstrained_muons_decay_and_shrink_sigma_max(preset):
+    attention_expected, mlp_expected, decayed_part = WEIGHT_DECAY[preset]
     groups = by_name(resolve(TinyGPT(), preset))
-    attention, mlp = groups["transformer.h.0.attn.c_attn.weight"], groups["transformer.h.1.mlp.c_proj.weight"]
-    mlp_fc = groups["transformer.h.0.mlp.c_fc.weight"] if preset == "all-dgram-wd" else None
     unconstrained = by_name(resolve(TinyGPT(), "unconstrained"))["transformer.h.0.attn.c_attn.weight"]
-    assert (attention["manifold"], attention["weight_decay"]) == ("dgram", unconstrained["weight_decay"]) == ("dgram", 0.1)
-    assert (mlp["manifold"], mlp["weight_decay"]) == {"all-dgram-wd": ("dgram", 0.1),
-                                                      "hetero-inv-wd": ("stiefel", 0.0)}[preset]
-    assert mlp_fc is None or mlp_fc["weight_decay"] == 0.1
+    assert unconstrained["weight_decay"] == 0.1   # the decay the DGram weights are given
+    for name in ("h.0.attn.c_attn", "h.1.attn.c_proj"):
+        group = groups[f"transformer.{name}.weight"]
+        assert (group["manifold"], group["weight_decay"]) == attention_expected, name
+    for name in ("h.0.mlp.c_fc", "h.1.mlp.c_proj"):
+        group = groups[f"transformer.{name}.weight"]
+        assert (group["manifold"], group["weight_decay"]) == mlp_expected, name
     steps, lr, wd = 5, 2.0, 0.1
     # A column norm n moves to at most n (1 - lr wd) + lr per step (the direction's columns have
     # norm <= 1, and DGram's retraction keeps column norms), starting from init's largest.
-    bound = _sigma_max_after_large_steps(preset, 0, lr)
+    bound = _sigma_max_after_large_steps(preset, 0, lr, decayed_part)
     for _ in range(steps):
         bound = bound * (1 - lr * wd) + lr
-    decayed = _sigma_max_after_large_steps(preset, steps, lr)
-    free = _sigma_max_after_large_steps(preset.replace("-wd", ""), steps, lr)
+    decayed = _sigma_max_after_large_steps(preset, steps, lr, decayed_part)
+    free = _sigma_max_after_large_steps(preset.replace("-wd", ""), steps, lr, decayed_part)
     assert decayed <= bound + 1e-4 and decayed < free - 1.0   # the decay pulls it well below the twin
 
 

@@ -180,7 +180,8 @@ GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hete
              ("all-dgram-decay", "all-dgram-cap2"), ("hetero-inv-decay", "hetero-inv-cap2"),
              ("all-dgram-wd", "all-dgram"), ("hetero-inv-wd", "hetero-inv"),
              ("all-dgram-wd", "all-dgram-decay"), ("hetero-inv-wd", "hetero-inv-decay"),
-             ("all-dgram-wd", "unconstrained"), ("hetero-inv-wd", "hetero"))
+             ("all-dgram-wd", "unconstrained"), ("hetero-inv-wd", "hetero"),
+             ("hetero-wd", "hetero"), ("hetero-wd", "all-dgram-wd"), ("hetero-wd", "unconstrained"))
 
 
 def finite_values(values) -> list[float]:

@@ -123,6 +123,8 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
     # failure of DGram attention only a missing weight decay?
     "all-dgram-wd": _split(_dgram_with_decay, _dgram_with_decay),
     "hetero-inv-wd": _split(_dgram_with_decay, lambda p: _muon(p, "stiefel")),
+    # hetero with the same decay on its DGram MLP: the fair rival of all-dgram-wd
+    "hetero-wd": _split(lambda p: _muon(p, "stiefel"), _dgram_with_decay),
     # the seed plan's nine
     "baseline": _split(_adamw, _adamw),
     "muon_all": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),
