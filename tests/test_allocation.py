@@ -113,6 +113,18 @@ def test_weight_decay_presets_give_dgram_unconstrained_muons_decay_and_shrink_si
     assert decayed <= bound + 1e-4 and decayed < free - 1.0   # the decay pulls it well below the twin
 
 
+def test_unconstrained_without_weight_decay_keeps_muon_and_lets_sigma_max_grow_past_the_decayed_one():
+    groups = by_name(resolve(TinyGPT(), "unconstrained-no-wd"))
+    decayed = by_name(resolve(TinyGPT(), "unconstrained"))
+    for name in ("h.0.attn.c_attn", "h.1.mlp.c_proj"):
+        group, twin = groups[f"transformer.{name}.weight"], decayed[f"transformer.{name}.weight"]
+        assert (group["algorithm"], group["manifold"], group["lr"]) == (twin["algorithm"], twin["manifold"], twin["lr"])
+        assert (group["weight_decay"], twin["weight_decay"]) == (0.0, 0.1), name
+    assert groups["transformer.wte.weight"]["weight_decay"] == 0.1   # AdamW's share is untouched
+    free = _sigma_max_after_large_steps("unconstrained-no-wd")
+    assert free > _sigma_max_after_large_steps("unconstrained") + 1.0
+
+
 def test_hetero_on_nanogpt_names():
     groups = by_name(resolve(TinyGPT(), "hetero"))
     assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"

@@ -257,6 +257,8 @@ def test_table_names_the_weight_decay_a_preset_gives_manifold_weights(tmp_path):
     for preset, attention, mlp in (("hetero-inv-wd", "DGram + weight decay 0.1", "Stiefel"),
                                    ("hetero-wd", "Stiefel", "DGram + weight decay 0.1"),
                                    ("hetero-inv", "DGram", "Stiefel"),
-                                   ("unconstrained", "None (Muon)", "None (Muon)")):   # Muon's own decay goes unsaid
+                                   ("unconstrained", "None (Muon)", "None (Muon)"),   # Muon's own decay goes unsaid
+                                   ("unconstrained-no-wd", "None (Muon), no weight decay",
+                                    "None (Muon), no weight decay")):
         save_allocation(resolve(TinyGPT(), preset), tmp_path / "allocation.json")
         assert (_constraint(tmp_path, "attention"), _constraint(tmp_path, "mlp")) == (attention, mlp)

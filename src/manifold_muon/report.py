@@ -32,9 +32,12 @@ PRETTY = {"muon/none": "None (Muon)", "muon/stiefel": "Stiefel", "muon/dgram": "
 def _constraint_name(row: dict) -> str:
     key = f"{row['algorithm']}/{row['manifold']}"
     name = PRETTY.get(key, key)
-    # Manifold weights normally get no weight decay; say so where a preset gives them some.
-    decays = row["manifold"] != "none" and row.get("weight_decay", 0) > 0
-    return f"{name} + weight decay {row['weight_decay']:g}" if decays else name
+    # The paper decays unconstrained weights and leaves manifold weights undecayed: say so
+    # wherever a preset departs from that.
+    decay = row.get("weight_decay", 0)
+    if row["manifold"] != "none" and decay > 0:
+        return f"{name} + weight decay {decay:g}"
+    return f"{name}, no weight decay" if row["manifold"] == "none" and decay == 0 else name
 
 
 def _constraint(run_dir: Path, group: str) -> str:
