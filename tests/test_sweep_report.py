@@ -9,7 +9,7 @@ from PIL import Image
 from manifold_muon.compare import build_comparison, compare_rows
 from manifold_muon.analysis import sigma_max_curve
 from manifold_muon import resolve, save_allocation
-from manifold_muon.report import _constraint, build_report
+from manifold_muon.report import _constraint, build_report, gap_rows
 from manifold_muon.diagnostics import SpectralRecorder, read_spectral
 from manifold_muon.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
 from manifold_muon import sweep
@@ -262,3 +262,21 @@ def test_table_names_the_weight_decay_a_preset_gives_manifold_weights(tmp_path):
                                     "None (Muon), no weight decay")):
         save_allocation(resolve(TinyGPT(), preset), tmp_path / "allocation.json")
         assert (_constraint(tmp_path, "attention"), _constraint(tmp_path, "mlp")) == (attention, mlp)
+
+
+def test_seed_gaps_pair_unconstrained_muon_run_in_one_mode_with_each_mode_of_the_other(tmp_path):
+    # Unconstrained Muon has no direction solver, so a sweep runs it in one mode only.
+    finals = {("unconstrained", "paper"): [5.60, 5.62], ("unconstrained-no-wd", "paper"): [6.40, 6.50],
+              ("hetero-wd", "improved"): [5.55, 5.57], ("all-dgram", "improved"): [6.41, 6.47],
+              ("all-dgram", "paper"): [6.70, 6.90], ("hetero", "improved"): [5.60, 5.61]}
+    results = [{"allocation": a, "mode": m, "final_val_loss": v} for (a, m), vs in finals.items() for v in vs]
+    rows = {(r["pair"], r["mode"]): r for r in gap_rows(tmp_path, results)}
+    assert rows[("hetero-wd - unconstrained", "improved / paper")]["gap"] == f"{5.56 - 5.61:+.4f}"
+    assert rows[("unconstrained-no-wd - unconstrained", "paper")]["seeds"] == "2 / 2"
+    assert rows[("unconstrained-no-wd - all-dgram", "paper")]["gap"] == f"{6.45 - 6.80:+.4f}"
+    assert rows[("unconstrained-no-wd - all-dgram", "paper / improved")]["gap"] == f"{6.45 - 6.44:+.4f}"
+    assert rows[("hetero-wd - hetero", "improved")]["verdict"] == "larger than the spread, seeds separated"
+    # a constrained allocation never pairs across modes, and no pair is counted twice
+    assert not any(r["pair"] == "hetero-wd - hetero" and r["mode"] != "improved" for r in rows.values())
+    assert ("hetero - unconstrained", "improved / paper") in rows
+    assert len(rows) == len(gap_rows(tmp_path, results)) == 6

@@ -17,6 +17,7 @@ from .analysis import (CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_
                        mechanism_peaks, seed_gap)
 from .diagnostics import module_group
 from .figures import make_figures, plot_causal_chains
+from .optim.allocation import PRESETS
 from .stability import DEFAULT_THRESHOLDS
 from .sweep import collect_results
 
@@ -124,22 +125,40 @@ def format_table(rows: list[dict]) -> str:
     return markdown_table(rows, [c for c in COLUMNS if several or c[0] != "mode"])
 
 
+def _mode_free(allocation: str) -> bool:
+    """An allocation with no manifold weights: the direction-solver mode changes nothing in it."""
+    return allocation in PRESETS and all(rule.manifold == "none" for rule in PRESETS[allocation])
+
+
+def _runs_for_mode(variants: dict, allocation: str, mode: str) -> tuple[str, list[dict]] | None:
+    """The runs of ``allocation`` in ``mode``; for a mode-free allocation, those of whichever
+    mode it was run in (unconstrained Muon is run once, not once per mode)."""
+    if (allocation, mode) in variants:
+        return mode, variants[(allocation, mode)]
+    if _mode_free(allocation):
+        return next(((m, runs) for (a, m), runs in variants.items() if a == allocation), None)
+    return None
+
+
 def gap_rows(out_dir, results: list[dict]) -> list[dict]:
-    """For each pair of :data:`GAP_PAIRS` present with two or more seeds (per mode): the gap in
-    final val loss against the seed-to-seed spread (:func:`manifold_muon.analysis.seed_gap`)."""
+    """For each pair of :data:`GAP_PAIRS` present with two or more seeds (per mode; a mode-free
+    allocation pairs with every mode): the gap in final val loss against the seed-to-seed
+    spread (:func:`manifold_muon.analysis.seed_gap`)."""
     variants = _by_variant(Path(out_dir), results)
-    rows = []
+    rows, seen = [], set()
     for mode in _modes(results):
         for a, b in GAP_PAIRS:
-            if (a, mode) not in variants or (b, mode) not in variants:
+            found_a, found_b = _runs_for_mode(variants, a, mode), _runs_for_mode(variants, b, mode)
+            if found_a is None or found_b is None or (a, found_a[0], b, found_b[0]) in seen:
                 continue
-            g = seed_gap([r["final_val_loss"] for r in variants[(a, mode)]],
-                         [r["final_val_loss"] for r in variants[(b, mode)]])
+            seen.add((a, found_a[0], b, found_b[0]))
+            g = seed_gap([r["final_val_loss"] for r in found_a[1]], [r["final_val_loss"] for r in found_b[1]])
             if g is None:
                 continue
             verdict = ("larger than the spread" + (", seeds separated" if g["separated"] else "")
                        if g["exceeds_spread"] else "within the spread")
-            rows.append({"pair": f"{a} - {b}", "mode": mode, "seeds": f"{g['n_a']} / {g['n_b']}",
+            modes = found_a[0] if found_a[0] == found_b[0] else f"{found_a[0]} / {found_b[0]}"
+            rows.append({"pair": f"{a} - {b}", "mode": modes, "seeds": f"{g['n_a']} / {g['n_b']}",
                          "gap": f"{g['gap']:+.4f}", "spread": f"{g['spread']:.4f}",
                          "stds": f"{g['std_a']:.4f} / {g['std_b']:.4f}", "verdict": verdict})
     return rows
