@@ -255,7 +255,7 @@ def test_every_allocation_keeps_its_own_colour_past_ten():
         assert len(set(colours)) == count, (count, colours)
 
 
-def test_table_names_the_weight_decay_a_preset_gives_manifold_weights(tmp_path):
+def test_table_names_the_weight_decay_where_a_preset_departs_from_the_papers(tmp_path):
     for preset, attention, mlp in (("hetero-inv-wd", "DGram + weight decay 0.1", "Stiefel"),
                                    ("hetero-wd", "Stiefel", "DGram + weight decay 0.1"),
                                    ("hetero-inv", "DGram", "Stiefel"),

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=5, help="timed rounds after 2 warm-up rounds (default 5)")
     b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
     k = sub.add_parser("pack", help="xz-compress finished runs' bulky logs in place (for committing results)",
-                       description="Compress spectral.bin, metrics.jsonl and diagnostics.jsonl of every finished "
+                       description="Compress spectral.bin (or its summary), metrics.jsonl and diagnostics.jsonl of every finished "
                                    "run in each sweep directory (or of a run directory) to .xz, in place. report, "
                                    "compare and the analysis read packed runs as they are; training a packed run "
                                    "again unpacks it first. Unfinished runs are left alone.")

@@ -6,8 +6,9 @@
   ``spectral.json``), so it reads back with one ``np.fromfile`` and grows by one record per
   interval; the trainer picks the interval so that a run writes at most ``MAX_RECORDS``.
   ``pack --spectral-summary`` replaces a finished run's spectra by ``spectral_summary.bin``
-  (+ ``.json``): the same records with only a few ranks of each spectrum kept (σ_max exact), so
-  committed results stay small; the full files remain in the repository's history.
+  (+ ``.json``; ``pack`` then xz-packs the ``.bin`` as it does the other logs): the same records
+  with only a few ranks of each spectrum kept (σ_max exact), so committed results stay small;
+  the full files remain in the repository's history.
 * **Mechanism** (the paper's future work), per attention layer on a fixed batch: the
   pre-softmax logit scale (max |z| and the mean top-1 minus top-2 gap), the mean attention
   entropy, the mean softmax-Jacobian Frobenius norm
