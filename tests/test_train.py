@@ -180,6 +180,26 @@ def test_dual_steps_caps_the_improved_solver_only():
     assert {g["mode"] for g in paper} == {"paper"}
 
 
+def test_muon_weight_decay_moves_muons_decayed_groups_and_leaves_adamw_and_undecayed_groups():
+    from manifold_muon.train import _param_groups
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=VOCAB))
+
+    def decay(allocation, **overrides):
+        cfg = make_config("tiny-cpu", {"allocation": allocation, **overrides})
+        return {(g["algorithm"], g["manifold"], g["names"][0].split(".")[-2]): g["weight_decay"]
+                for g in _param_groups(model, cfg) if g["params"][0].ndim == 2}
+
+    assert decay("hetero-wd", weight_decay="0.2") == {
+        ("muon", "stiefel", "c_attn"): 0.0, ("muon", "dgram", "c_fc"): 0.2, ("adamw", "none", "wte"): 0.2}
+    assert decay("hetero-wd", weight_decay="0.2", muon_weight_decay="0.03") == {
+        ("muon", "stiefel", "c_attn"): 0.0, ("muon", "dgram", "c_fc"): 0.03, ("adamw", "none", "wte"): 0.2}
+    # the paper's undecayed manifold weights stay undecayed whatever the strength
+    assert decay("hetero", muon_weight_decay="0.3")[("muon", "dgram", "c_fc")] == 0.0
+    assert decay("unconstrained", muon_weight_decay="0.3")[("muon", "none", "c_attn")] == 0.3
+    with pytest.raises(ValueError, match="muon_weight_decay must be >= 0, or -1 .* got -0.5"):
+        decay("unconstrained", muon_weight_decay="-0.5")
+
+
 def test_evaluation_scores_one_fixed_set_whatever_the_iteration_or_seed(data_dir, tmp_path):
     a = Trainer(tiny(data_dir, tmp_path / "a", seed=1))
     b = Trainer(tiny(data_dir, tmp_path / "b", seed=2))

@@ -32,6 +32,7 @@ class TrainConfig:
     min_lr: float = 6e-5
     muon_lr: float = 0.02
     weight_decay: float = 0.1         # where the allocation decays (2D AdamW, unconstrained Muon)
+    muon_weight_decay: float = -1.0   # the same for Muon's decayed groups alone; -1: weight_decay
     muon_momentum: float = 0.95
     dual_steps: int = -1              # improved solver's iteration cap; -1: its default (paper mode: always 20)
     dual_form: str = "matrix"         # improved solver's dual: matrix (m x n msign) | gram (n x n, float64)
@@ -60,6 +61,14 @@ class TrainConfig:
         """The solver's iteration cap for ``mode``: ``dual_steps`` caps the improved solver only;
         paper mode stays the reference (20 steps) and fast mode takes none.  None: the mode's default."""
         return self.dual_steps if self.dual_steps >= 0 and mode == "improved" else None
+
+    def decay_for(self, algorithm: str) -> float:
+        """The decay of a group that decays: ``muon_weight_decay`` moves Muon's alone, so that a
+        decay strength can be varied without moving AdamW's share (embeddings, head)."""
+        if self.muon_weight_decay < 0 and self.muon_weight_decay != -1:
+            raise ValueError("muon_weight_decay must be >= 0, or -1 for weight_decay's value; "
+                             f"got {self.muon_weight_decay:g}")
+        return self.muon_weight_decay if algorithm == "muon" and self.muon_weight_decay >= 0 else self.weight_decay
 
     def numerics_options(self) -> dict:
         """The optimizer's numerics as param-group keys (None: the optimizer's default)."""

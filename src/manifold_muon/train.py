@@ -70,7 +70,7 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
                      **cfg.numerics_options())
     for g in groups:
         g["base_lr"] = g["lr"] = cfg.muon_lr if g["algorithm"] == "muon" else cfg.adamw_lr
-        g["weight_decay"] = cfg.weight_decay if g.get("weight_decay", 0) > 0 else 0.0
+        g["weight_decay"] = cfg.decay_for(g["algorithm"]) if g.get("weight_decay", 0) > 0 else 0.0
     return groups
 
 
