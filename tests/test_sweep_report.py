@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from manifold_muon.compare import build_comparison, compare_rows
+from manifold_muon.compare import build_comparison, compare_rows, differing_settings, run_config
+from manifold_muon.config import config_to_dict, make_config
 from manifold_muon.analysis import sigma_max_curve
 from manifold_muon import resolve, save_allocation
 from manifold_muon.report import _constraint, build_report, gap_rows
@@ -245,6 +246,19 @@ def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, t
         build_comparison(sweeps[:1], tmp_path / "cmp")
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
         build_comparison([sweeps[0], tmp_path / "nope"], tmp_path / "cmp")
+
+
+def test_compare_reads_muon_weight_decay_as_the_decay_it_stood_for(tmp_path):
+    def run(name, **overrides):
+        (tmp_path / name).mkdir()
+        cfg = make_config("cpu-small", {k: str(v) for k, v in overrides.items()})
+        (tmp_path / name / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+        return run_config(tmp_path / name)
+
+    default, weaker, both = run("default"), run("weaker", muon_weight_decay=0.03), run("both", weight_decay=0.2)
+    assert default["muon_weight_decay"] == 0.1 and weaker["muon_weight_decay"] == 0.03
+    assert differing_settings([default, weaker]) == ["muon_weight_decay"]
+    assert differing_settings([default, both]) == ["weight_decay", "muon_weight_decay"]
 
 
 def test_every_allocation_keeps_its_own_colour_past_ten():

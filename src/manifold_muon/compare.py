@@ -29,8 +29,11 @@ NOT_A_TREATMENT = OPERATIONAL | {"out_dir", "seed", "allocation", "mode", "diag_
 def run_config(run_dir: Path) -> dict:
     """A run's config as one flat namespace (model fields beside training fields, as overrides
     are); fields its version of the package did not have yet take today's defaults."""
-    cfg = config_to_dict(config_from_dict(json.loads((Path(run_dir) / "config.json").read_text())))
-    return {**cfg.pop("model"), **cfg}
+    config = config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    flat = config_to_dict(config)
+    # what the run trained with: "-1, weight_decay's value" is read as that value
+    flat["muon_weight_decay"] = config.decay_for("muon")
+    return {**flat.pop("model"), **flat}
 
 
 def differing_settings(configs: list[dict]) -> list[str]:
