@@ -244,6 +244,10 @@ def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, t
         assert len(list(csv.DictReader(f))) == 4  # 2 allocations x 2 sweeps
     with pytest.raises(ValueError, match="two or more sweep directories, got 1"):
         build_comparison(sweeps[:1], tmp_path / "cmp")
+    only = build_comparison(sweeps, tmp_path / "only", ["all-dgram"]).read_text()
+    assert "| all-dgram | improved | " in only and "| unconstrained |" not in only
+    with pytest.raises(ValueError, match=r"\['hetero'\] are in none of the sweeps; valid choices: unconstrained, all-dgram"):
+        compare_rows(sweeps, ["hetero"])
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
         build_comparison([sweeps[0], tmp_path / "nope"], tmp_path / "cmp")
 

@@ -115,7 +115,8 @@ def _report(args) -> None:
 
 def _compare(args) -> None:
     from .compare import build_comparison
-    path = build_comparison(args.dirs, args.out)
+    allocations = [a for a in args.allocations.split(",") if a] if args.allocations else None
+    path = build_comparison(args.dirs, args.out, allocations)
     print(path.read_text())
     print(f"comparison: {path}")
 
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "between the sweeps named. Writes OUT/{compare.md,compare.csv,fig_compare.png}.")
     c.add_argument("dirs", nargs="+", help="two or more sweep directories, in the order to show them")
     c.add_argument("--out", required=True, help="folder for the comparison")
+    c.add_argument("--allocations", default="", help="comma-separated allocations to show (default: every "
+                   "allocation of any sweep), e.g. all-dgram-wd,hetero-wd when one sweep holds far more than another")
     b = sub.add_parser("bench", help="optimizer and whole-step time of AdamW, torch Muon, our Muon and Manifold Muon",
                        description="Time every optimizer configuration side by side (interleaved rounds) on the "
                                    "present device; print a table with ratios to AdamW and direction quality, "

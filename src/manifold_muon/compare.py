@@ -71,11 +71,11 @@ def _variant_order(sweep_dirs: list[Path]):
     return lambda v: (rank.get(v[0], len(rank)), v[0], DIRECTION_MODES.index(v[1]) if v[1] in DIRECTION_MODES else 0)
 
 
-def compare_rows(sweep_dirs: list[Path]) -> tuple[list[str], list[str], list[dict]]:
+def compare_rows(sweep_dirs: list[Path], allocations=None) -> tuple[list[str], list[str], list[dict]]:
     """``(settings, labels, rows)``: the settings that differ between the sweeps, one label per
     sweep, and one row per (allocation, mode) with, per sweep, the seed-mean final val loss,
     the number of unstable seeds and the seed-mean mechanism peaks (None where a sweep lacks the
-    variant)."""
+    variant).  ``allocations``: keep only these rows (default: every allocation of any sweep)."""
     results = [collect_results(d, write=False) for d in sweep_dirs]
     for d, res in zip(sweep_dirs, results):
         if not res:
@@ -85,6 +85,12 @@ def compare_rows(sweep_dirs: list[Path]) -> tuple[list[str], list[str], list[dic
     labels = [_sweep_label(settings, c, d) for c, d in zip(configs, sweep_dirs)]
     variants = sorted(dict.fromkeys((r["allocation"], r.get("mode", "improved")) for res in results for r in res),
                       key=_variant_order(sweep_dirs))
+    if allocations:
+        present = list(dict.fromkeys(a for a, _ in variants))
+        missing = [a for a in allocations if a not in present]
+        if missing:
+            raise ValueError(f"allocation(s) {missing} are in none of the sweeps; valid choices: {', '.join(present)}")
+        variants = [v for v in variants if v[0] in allocations]
     rows = []
     for alloc, mode in variants:
         row = {"allocation": alloc, "mode": mode, "sweeps": []}
@@ -129,15 +135,16 @@ def _write_csv(path: Path, labels: list[str], rows: list[dict]) -> None:
                     writer.writerow([r["allocation"], r["mode"], label, *(entry[k] for k in keys)])
 
 
-def build_comparison(sweep_dirs, out_dir) -> Path:
-    """Write ``compare.md``, ``compare.csv`` and ``fig_compare.png`` into ``out_dir``."""
+def build_comparison(sweep_dirs, out_dir, allocations=None) -> Path:
+    """Write ``compare.md``, ``compare.csv`` and ``fig_compare.png`` into ``out_dir``
+    (``allocations``: only these, as :func:`compare_rows`)."""
     sweep_dirs = [Path(d) for d in sweep_dirs]
     if len(sweep_dirs) < 2:
         raise ValueError(f"compare needs two or more sweep directories, got {len(sweep_dirs)}")
     for d in sweep_dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"sweep directory {d} does not exist")
-    settings, labels, rows = compare_rows(sweep_dirs)
+    settings, labels, rows = compare_rows(sweep_dirs, allocations)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / "compare.csv", labels, rows)
