@@ -246,6 +246,8 @@ def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, t
         build_comparison(sweeps[:1], tmp_path / "cmp")
     only = build_comparison(sweeps, tmp_path / "only", ["all-dgram"]).read_text()
     assert "| all-dgram | improved | " in only and "| unconstrained |" not in only
+    assert "more than one version of the code" in only   # the edited env.json is an all-dgram run's
+    assert "All runs were made by the same code" in build_comparison(sweeps, tmp_path / "only", ["unconstrained"]).read_text()
     with pytest.raises(ValueError, match=r"\['hetero'\] are in none of the sweeps; valid choices: unconstrained, all-dgram"):
         compare_rows(sweeps, ["hetero"])
     with pytest.raises(FileNotFoundError, match="nope does not exist"):

@@ -42,10 +42,14 @@ def differing_settings(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
-def code_versions(sweep_dirs: list[Path]) -> list[list[str]]:
-    """Per sweep, the distinct codes that made its runs (git commit, torch, device), from their ``env.json``."""
+def code_versions(sweep_dirs: list[Path], allocations=None) -> list[list[str]]:
+    """Per sweep, the distinct codes that made its runs (git commit, torch, device), from their
+    ``env.json``; ``allocations``: only those allocations' runs (the ones a comparison shows)."""
+    def shown(run: Path) -> bool:
+        return not allocations or json.loads((run / "config.json").read_text())["allocation"] in allocations
+
     return [sorted({(e.get("git_sha") or "?")[:7] + f" (torch {e.get('torch', '?')}, {e.get('device', '?')})"
-                    for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json")))})
+                    for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json")) if shown(p.parent))})
             for d in sweep_dirs]
 
 
@@ -149,7 +153,7 @@ def build_comparison(sweep_dirs, out_dir, allocations=None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / "compare.csv", labels, rows)
     fig = plot_comparison(labels, rows, out_dir / "fig_compare.png")
-    versions = code_versions(sweep_dirs)
+    versions = code_versions(sweep_dirs, allocations)
     every_version = set().union(*versions)
     made_by = ("All runs were made by the same code: " + every_version.pop() + "." if len(every_version) == 1 else
                "The runs were made by more than one version of the code, so a difference may come from the code "
