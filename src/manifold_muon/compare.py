@@ -42,15 +42,14 @@ def differing_settings(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
-def code_versions(sweep_dirs: list[Path], allocations=None) -> list[list[str]]:
+def code_versions(sweep_dirs: list[Path], runs=None) -> list[list[str]]:
     """Per sweep, the distinct codes that made its runs (git commit, torch, device), from their
-    ``env.json``; ``allocations``: only those allocations' runs (the ones a comparison shows)."""
-    def shown(run: Path) -> bool:
-        return not allocations or json.loads((run / "config.json").read_text())["allocation"] in allocations
-
+    ``env.json``; ``runs``: per sweep, the names of the runs to read (default: all of them)."""
+    names = runs or [None] * len(sweep_dirs)
     return [sorted({(e.get("git_sha") or "?")[:7] + f" (torch {e.get('torch', '?')}, {e.get('device', '?')})"
-                    for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json")) if shown(p.parent))})
-            for d in sweep_dirs]
+                    for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json"))
+                              if only is None or p.parent.name in only)})
+            for d, only in zip(sweep_dirs, names)]
 
 
 def _mean(values) -> float | None:
@@ -77,9 +76,9 @@ def _variant_order(sweep_dirs: list[Path]):
 
 def compare_rows(sweep_dirs: list[Path], allocations=None) -> tuple[list[str], list[str], list[dict]]:
     """``(settings, labels, rows)``: the settings that differ between the sweeps, one label per
-    sweep, and one row per (allocation, mode) with, per sweep, the seed-mean final val loss,
-    the number of unstable seeds and the seed-mean mechanism peaks (None where a sweep lacks the
-    variant).  ``allocations``: keep only these rows (default: every allocation of any sweep)."""
+    sweep, and one row per (allocation, mode) with, per sweep, its runs' names, the seed-mean
+    final val loss, the number of unstable seeds and the seed-mean mechanism peaks (None where a
+    sweep lacks the variant).  ``allocations``: keep only these rows (default: every allocation of any sweep)."""
     results = [collect_results(d, write=False) for d in sweep_dirs]
     for d, res in zip(sweep_dirs, results):
         if not res:
@@ -102,7 +101,7 @@ def compare_rows(sweep_dirs: list[Path], allocations=None) -> tuple[list[str], l
             runs = [r for r in res if r["allocation"] == alloc and r.get("mode", "improved") == mode]
             peaks = [mechanism_peaks(d / r["run"]) for r in runs]
             row["sweeps"].append(None if not runs else {
-                "seeds": len(runs), "unstable": sum(not r["stable"] for r in runs),
+                "runs": [r["run"] for r in runs], "seeds": len(runs), "unstable": sum(not r["stable"] for r in runs),
                 "final_val_loss": _mean([r["final_val_loss"] for r in runs]),
                 "final_val_std": _std([r["final_val_loss"] for r in runs]),
                 **{k: _mean([p[k] for p in peaks]) for k in ("sigma_max", "logit", "entropy")}})
@@ -153,7 +152,9 @@ def build_comparison(sweep_dirs, out_dir, allocations=None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / "compare.csv", labels, rows)
     fig = plot_comparison(labels, rows, out_dir / "fig_compare.png")
-    versions = code_versions(sweep_dirs, allocations)
+    # the code of the runs the table shows, so that --allocations narrows this note as it does the table
+    versions = code_versions(sweep_dirs, [{n for r in rows if r["sweeps"][i] for n in r["sweeps"][i]["runs"]}
+                                          for i in range(len(sweep_dirs))])
     every_version = set().union(*versions)
     made_by = ("All runs were made by the same code: " + every_version.pop() + "." if len(every_version) == 1 else
                "The runs were made by more than one version of the code, so a difference may come from the code "
