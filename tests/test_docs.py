@@ -164,3 +164,17 @@ def test_every_file_the_readme_points_to_exists():
     assert len(paths) >= 20, f"found only {len(paths)} paths: is the pattern broken?"
     missing = [p for p in sorted(paths) for q in expand_braces(p) if not list(ROOT.glob(q.rstrip("/")))]
     assert not missing, f"the README points to files that are not in the repository: {missing}"
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_in_page_link_of_the_readme_names_a_heading():
+    prose = re.sub(r"^```.*?^```", "", README, flags=re.S | re.M)  # a shell comment is no heading
+    anchors = {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert links, "the README links to none of its own sections: is the pattern broken?"
+    dangling = [link for link in links if link not in anchors]
+    assert not dangling, f"README links to sections that do not exist: {dangling}"
