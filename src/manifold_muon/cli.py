@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compress spectral.bin (or its summary), metrics.jsonl and diagnostics.jsonl of every finished "
                                    "run in each sweep directory (or of a run directory) to .xz, in place. report, "
                                    "compare and the analysis read packed runs as they are; training a packed run "
-                                   "again unpacks it first. Unfinished runs are left alone.")
+                                   "again unpacks it first. Unfinished runs are left alone. JSONL logs written before logs kept "
+                                   "floats at float32 precision are brought to it, packed ones too.")
     k.add_argument("dirs", nargs="+", help="sweep or run directories")
     k.add_argument("--spectral-summary", action="store_true",
                    help="also replace each run's full spectra (every singular value of every matrix at every "

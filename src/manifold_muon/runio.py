@@ -6,11 +6,16 @@ Packing (``manifold-muon pack``) xz-compresses a finished run's bulky logs in pl
 keeping a repository inside a size limit (the GPU machine takes at most 64 MiB of working tree).
 Every reader here takes a log packed or not, and a run resumed in a packed directory unpacks it
 first, so training appends to plain files as ever.
+
+JSONL logs keep floats at float32 precision (``at_float32_precision``), as TensorBoard does: the
+losses, norms and diagnostics logged are float32 values, so nothing of them is lost, and written
+as 17-digit doubles they were half of a packed run's bytes.
 """
 from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
 import platform
 import socket
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "JsonlLog", "read_jsonl", "read_log_bytes", "environment", "write_json", "PACKED_LOGS",
+__all__ = ["atomic_save", "at_float32_precision", "JsonlLog", "read_jsonl", "read_log_bytes", "environment", "write_json", "PACKED_LOGS",
            "pack_run", "unpack_run", "replace_file"]
 
 # The logs that grow with the run's length: together 85% of a committed run's bytes.  The
@@ -28,6 +33,34 @@ __all__ = ["atomic_save", "JsonlLog", "read_jsonl", "read_log_bytes", "environme
 # at exactly 1: xz halves it.
 PACKED_LOGS = ("spectral.bin", "spectral_summary.bin", "metrics.jsonl", "diagnostics.jsonl")
 PACKED_SUFFIX = ".xz"
+_FLOAT32 = np.finfo(np.float32)
+
+
+def at_float32_precision(value):
+    """``value`` (a number, or dicts and lists of them) with each float replaced by the shortest
+    decimal that reads back as the same float32.  A float32 value (a loss, a norm) keeps its
+    value exactly; a double (a learning rate, a step time) moves by at most 6e-8 of itself.
+    Floats float32 cannot hold (zero, non-finite, out of its normal range) are kept as they are."""
+    if isinstance(value, float):
+        if value == 0 or not math.isfinite(value) or not float(_FLOAT32.tiny) <= abs(value) <= float(_FLOAT32.max):
+            return value
+        return float(str(np.float32(value)))
+    if isinstance(value, dict):
+        return {key: at_float32_precision(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [at_float32_precision(item) for item in value]
+    return value
+
+
+def _jsonl_at_float32_precision(data: bytes) -> bytes:
+    """A JSONL log's bytes with its floats at float32 precision (logs from before that rule)."""
+    lines = []
+    for line in data.decode().splitlines():
+        try:
+            lines.append(json.dumps(at_float32_precision(json.loads(line))))
+        except json.JSONDecodeError:  # a torn last line: left as it was
+            lines.append(line)
+    return "".join(line + "\n" for line in lines).encode()
 
 
 def atomic_save(obj, path) -> None:
@@ -80,7 +113,7 @@ class JsonlLog:
 
     def write(self, row: dict) -> None:
         if self._file:
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(json.dumps(at_float32_precision(row)) + "\n")
             self._file.flush()
 
     def close(self) -> None:
@@ -101,15 +134,26 @@ def replace_file(path: Path, data: bytes) -> None:
 def pack_run(run_dir) -> tuple[int, int]:
     """xz-compress the run's ``PACKED_LOGS`` in place; returns (bytes before, bytes after).
     Each packed file is written and synced before its original is removed, so a crash leaves
-    one of the two whole (readers prefer the plain file)."""
+    one of the two whole (readers prefer the plain file).  JSONL logs written before logs kept
+    floats at float32 precision are brought to it, packed ones too (packed again)."""
     before = after = 0
     for name in PACKED_LOGS:
-        plain = Path(run_dir) / name
+        plain, packed = Path(run_dir) / name, Path(run_dir) / (name + PACKED_SUFFIX)
+        jsonl = name.endswith(".jsonl")
         if plain.is_file():
-            packed = lzma.compress(plain.read_bytes(), preset=6)
-            replace_file(plain.with_name(name + PACKED_SUFFIX), packed)
-            before, after = before + plain.stat().st_size, after + len(packed)
+            data = plain.read_bytes()
+            compressed = lzma.compress(_jsonl_at_float32_precision(data) if jsonl else data, preset=6)
+            replace_file(packed, compressed)
+            before, after = before + len(data), after + len(compressed)
             plain.unlink()
+        elif jsonl and packed.is_file():
+            old = packed.read_bytes()
+            data = lzma.decompress(old)
+            rounded = _jsonl_at_float32_precision(data)
+            if rounded != data:
+                compressed = lzma.compress(rounded, preset=6)
+                replace_file(packed, compressed)
+                before, after = before + len(old), after + len(compressed)
     return before, after
 
 
