@@ -115,8 +115,7 @@ def _report(args) -> None:
 
 def _compare(args) -> None:
     from .compare import build_comparison
-    allocations = [a for a in args.allocations.split(",") if a] if args.allocations else None
-    path = build_comparison(args.dirs, args.out, allocations)
+    path = build_comparison(args.dirs, args.out, _csv(args.allocations) or None)
     print(path.read_text())
     print(f"comparison: {path}")
 

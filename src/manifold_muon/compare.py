@@ -42,14 +42,13 @@ def differing_settings(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
-def code_versions(sweep_dirs: list[Path], runs=None) -> list[list[str]]:
-    """Per sweep, the distinct codes that made its runs (git commit, torch, device), from their
-    ``env.json``; ``runs``: per sweep, the names of the runs to read (default: all of them)."""
-    names = runs or [None] * len(sweep_dirs)
+def code_versions(sweep_dirs: list[Path], runs: list[set[str]]) -> list[list[str]]:
+    """Per sweep, the distinct codes that made the named runs (``runs``: one set of run names per
+    sweep), as git commit, torch and device, from their ``env.json``."""
     return [sorted({(e.get("git_sha") or "?")[:7] + f" (torch {e.get('torch', '?')}, {e.get('device', '?')})"
-                    for e in (json.loads(p.read_text()) for p in sorted(d.glob("*/env.json"))
-                              if only is None or p.parent.name in only)})
-            for d, only in zip(sweep_dirs, names)]
+                    for e in (json.loads((d / name / "env.json").read_text()) for name in sorted(names)
+                              if (d / name / "env.json").is_file())})
+            for d, names in zip(sweep_dirs, runs)]
 
 
 def _mean(values) -> float | None:
