@@ -1,9 +1,10 @@
-"""The README's commands and code, checked against the CLI, the library and the committed results.
+"""The docs' commands and code, checked against the CLI, the library and the committed results.
 
 A README that drifts from the code is a bug a user meets first: these tests parse every
-``manifold-muon`` command the README shows, run its Python example and the example script, and
-check that the sweep commands it gives for the committed results name exactly the runs in
-``results/`` with the settings those runs recorded.
+``manifold-muon`` command the README and RESULTS.md show, run the README's Python example and the
+example script, check that the sweep commands given for the committed results name exactly the
+runs in ``results/`` with the settings those runs recorded, and that every file and section the
+docs link to exists.
 """
 from __future__ import annotations
 
@@ -28,17 +29,19 @@ from manifold_muon.optim.manifolds import get_manifold
 from manifold_muon.sweep import plan_runs
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+DOC_NAMES = ("README.md", "RESULTS.md")   # RESULTS.md holds the results' detail, README the summary
+DOCS = {name: (ROOT / name).read_text() for name in DOC_NAMES}
+DOCS_TEXT = "\n".join(DOCS.values())   # the commands, code and file pointers of both, read as one
 WITH_OVERRIDES = ("train", "sweep", "bench")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+    return re.findall(rf"^```{language}\n(.*?)^```", DOCS_TEXT, flags=re.S | re.M)
 
 
 def readme_commands() -> list[list[str]]:
-    """Every ``manifold-muon`` (or ``-m manifold_muon``) command line of the README's bash blocks,
+    """Every ``manifold-muon`` (or ``-m manifold_muon``) command line of the docs' bash blocks,
     as the argv after the program name, with ``NAME="..."`` shell variables of a block expanded."""
     commands = []
     for block in code_blocks("bash"):
@@ -58,17 +61,17 @@ def readme_commands() -> list[list[str]]:
 
 
 def parse(argv: list[str]):
-    """The parsed command, or a test failure naming the README line that does not parse."""
+    """The parsed command, or a test failure naming the docs line that does not parse."""
     try:
         args, extra = build_parser().parse_known_args(argv)
     except SystemExit:
-        pytest.fail(f"README command does not parse: manifold-muon {' '.join(argv)}")
+        pytest.fail(f"docs command does not parse: manifold-muon {' '.join(argv)}")
     if extra and args.command not in WITH_OVERRIDES:
-        pytest.fail(f"README command has arguments {extra} that `{args.command}` does not take")
+        pytest.fail(f"docs command has arguments {extra} that `{args.command}` does not take")
     return args, _split_overrides(extra) if extra else {}
 
 
-def test_every_readme_command_parses_with_valid_settings():
+def test_every_docs_command_parses_with_valid_settings():
     commands = readme_commands()
     assert len(commands) >= 40, f"found only {len(commands)} commands: is the block parser broken?"
     assert {argv[0] for argv in commands} >= {"prepare", "train", "sweep", "report", "compare", "bench", "pack"}
@@ -84,7 +87,7 @@ def test_every_readme_command_parses_with_valid_settings():
 
 def documented_runs() -> dict[str, dict[str, tuple]]:
     """``results/<sweep>`` -> {run name: (preset, the run's overrides, the command's overrides)}
-    for every README sweep command whose ``--out`` is under ``results/``, planned as the sweep
+    for every docs sweep command whose ``--out`` is under ``results/``, planned as the sweep
     plans them."""
     runs: dict[str, dict[str, tuple]] = {}
     for argv in readme_commands():
@@ -98,16 +101,16 @@ def documented_runs() -> dict[str, dict[str, tuple]]:
     return runs
 
 
-def test_readme_sweep_commands_name_exactly_the_committed_runs():
+def test_docs_sweep_commands_name_exactly_the_committed_runs():
     documented = documented_runs()
     committed = {str(p.parent.relative_to(ROOT)) for p in ROOT.glob("results/*/sweep.json")}
     assert committed, "no committed sweeps found under results/"
     # The GPU sweeps are documented before they are run; every committed one must be documented.
-    assert committed <= set(documented), f"committed sweeps no README command makes: {committed - set(documented)}"
+    assert committed <= set(documented), f"committed sweeps no command of the docs makes: {committed - set(documented)}"
     for sweep in sorted(committed):
         runs = documented[sweep]
         on_disk = {p.parent.name for p in (ROOT / sweep).glob("*/config.json")}
-        assert set(runs) == on_disk, (f"{sweep}: runs the README's commands make but not committed "
+        assert set(runs) == on_disk, (f"{sweep}: runs the docs' commands make but not committed "
                                       f"{sorted(set(runs) - on_disk)}; committed but no command {sorted(on_disk - set(runs))}")
         for name, (preset, run, overrides) in runs.items():
             recorded = json.loads((ROOT / sweep / name / "config.json").read_text())
@@ -116,7 +119,7 @@ def test_readme_sweep_commands_name_exactly_the_committed_runs():
                 model_field = key not in TRAIN_FIELDS   # make_config has refused keys of neither
                 value = getattr(expected.model if model_field else expected, key)
                 got = (recorded["model"] if model_field else recorded)[key]
-                assert got == value, f"{sweep}/{name}: {key} is {got!r}, the README's command gives {value!r}"
+                assert got == value, f"{sweep}/{name}: {key} is {got!r}, the docs' command gives {value!r}"
 
 
 def test_readme_python_example_runs_and_keeps_weights_on_their_manifolds():
@@ -152,18 +155,18 @@ def test_example_script_refuses_an_unknown_allocation(tmp_path):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a{b,c}d`` -> ``abd``, ``acd`` (one level, as the README writes file families)."""
+    """``a{b,c}d`` -> ``abd``, ``acd`` (one level, as the docs write file families)."""
     found = re.search(r"\{([^{}]*)\}", pattern)
     if not found:
         return [pattern]
     return [p for choice in found[1].split(",") for p in expand_braces(pattern[:found.start()] + choice + pattern[found.end():])]
 
 
-def test_every_file_the_readme_points_to_exists():
-    paths = set(re.findall(r"[`(]((?:results|benchmarks|scripts|examples|tests|src)/[^`)\s]*)", README))
+def test_every_file_the_docs_point_to_exists():
+    paths = set(re.findall(r"[`(]((?:results|benchmarks|scripts|examples|tests|src)/[^`)\s]*)", DOCS_TEXT))
     assert len(paths) >= 20, f"found only {len(paths)} paths: is the pattern broken?"
     missing = [p for p in sorted(paths) for q in expand_braces(p) if not list(ROOT.glob(q.rstrip("/")))]
-    assert not missing, f"the README points to files that are not in the repository: {missing}"
+    assert not missing, f"the docs point to files that are not in the repository: {missing}"
 
 
 def heading_anchor(heading: str) -> str:
@@ -171,10 +174,16 @@ def heading_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_every_in_page_link_of_the_readme_names_a_heading():
-    prose = re.sub(r"^```.*?^```", "", README, flags=re.S | re.M)  # a shell comment is no heading
-    anchors = {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
-    links = re.findall(r"\]\(#([^)]+)\)", README)
-    assert links, "the README links to none of its own sections: is the pattern broken?"
-    dangling = [link for link in links if link not in anchors]
-    assert not dangling, f"README links to sections that do not exist: {dangling}"
+def test_every_section_link_of_the_docs_names_a_heading():
+    anchors = {}
+    for name, text in DOCS.items():
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a shell comment is no heading
+        anchors[name] = {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+    dangling, checked = [], 0
+    for name, text in DOCS.items():
+        for target, anchor in re.findall(r"\]\(((?:[\w.-]+\.md)?)#([^)]+)\)", text):
+            checked += 1
+            if anchor not in anchors.get(target or name, ()):
+                dangling.append(f"{name} -> {target or name}#{anchor}")
+    assert checked >= 10, f"found only {checked} section links: is the pattern broken?"
+    assert not dangling, f"links to sections that do not exist: {dangling}"
