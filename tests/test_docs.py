@@ -40,7 +40,7 @@ def code_blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", DOCS_TEXT, flags=re.S | re.M)
 
 
-def readme_commands() -> list[list[str]]:
+def docs_commands() -> list[list[str]]:
     """Every ``manifold-muon`` (or ``-m manifold_muon``) command line of the docs' bash blocks,
     as the argv after the program name, with ``NAME="..."`` shell variables of a block expanded."""
     commands = []
@@ -72,7 +72,7 @@ def parse(argv: list[str]):
 
 
 def test_every_docs_command_parses_with_valid_settings():
-    commands = readme_commands()
+    commands = docs_commands()
     assert len(commands) >= 40, f"found only {len(commands)} commands: is the block parser broken?"
     assert {argv[0] for argv in commands} >= {"prepare", "train", "sweep", "report", "compare", "bench", "pack"}
     for argv in commands:
@@ -90,7 +90,7 @@ def documented_runs() -> dict[str, dict[str, tuple]]:
     for every docs sweep command whose ``--out`` is under ``results/``, planned as the sweep
     plans them."""
     runs: dict[str, dict[str, tuple]] = {}
-    for argv in readme_commands():
+    for argv in docs_commands():
         args, overrides = parse(argv)
         if args.command != "sweep" or not (args.out or "").startswith("results/"):
             continue
