@@ -125,6 +125,20 @@ def test_unconstrained_without_weight_decay_keeps_muon_and_lets_sigma_max_grow_p
     assert free > _sigma_max_after_large_steps("unconstrained") + 1.0
 
 
+def test_hetero_muon_is_heteros_attention_beside_unconstrained_muons_mlp():
+    groups = by_name(resolve(TinyGPT(), "hetero-muon"))
+    hetero, unconstrained = by_name(resolve(TinyGPT(), "hetero")), by_name(resolve(TinyGPT(), "unconstrained"))
+    assert sorted(groups) == sorted(hetero)
+    keys = ("algorithm", "manifold", "lr", "weight_decay")
+    for name, group in groups.items():
+        twin = hetero[name] if ".attn." in name else unconstrained[name]
+        assert [group[k] for k in keys] == [twin[k] for k in keys], name
+    assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"
+    assert (groups["transformer.h.1.mlp.c_proj.weight"]["manifold"], groups["transformer.h.1.mlp.c_proj.weight"]["weight_decay"]) == ("none", 0.1)
+    assert _sigma_max_after_large_steps("hetero-muon") == pytest.approx(1.0, abs=1e-3)   # Stiefel holds it
+    assert _sigma_max_after_large_steps("hetero-muon", part=".mlp.") > 2.0                 # Muon's MLP grows
+
+
 def test_hetero_on_nanogpt_names():
     groups = by_name(resolve(TinyGPT(), "hetero"))
     assert groups["transformer.h.0.attn.c_attn.weight"]["manifold"] == "stiefel"

@@ -182,7 +182,8 @@ GAP_PAIRS = (("hetero", "all-stiefel"), ("all-stiefel", "unconstrained"), ("hete
              ("all-dgram-wd", "all-dgram-decay"), ("hetero-inv-wd", "hetero-inv-decay"),
              ("all-dgram-wd", "unconstrained"), ("hetero-inv-wd", "hetero"),
              ("hetero-wd", "hetero"), ("hetero-wd", "all-dgram-wd"), ("hetero-wd", "unconstrained"),
-             ("unconstrained-no-wd", "unconstrained"), ("unconstrained-no-wd", "all-dgram"))
+             ("unconstrained-no-wd", "unconstrained"), ("unconstrained-no-wd", "all-dgram"),
+             ("hetero-muon", "unconstrained"), ("hetero-muon", "hetero-wd"), ("hetero-muon", "hetero"))
 
 
 def finite_values(values) -> list[float]:

@@ -125,6 +125,9 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
     "hetero-inv-wd": _split(_dgram_with_decay, lambda p: _muon(p, "stiefel")),
     # hetero with the same decay on its DGram MLP: the fair rival of all-dgram-wd
     "hetero-wd": _split(lambda p: _muon(p, "stiefel"), _dgram_with_decay),
+    # hetero with a plain Muon MLP (decay 0.1): attention's geometry is its only difference from
+    # unconstrained, so it asks whether Stiefel attention beats the strongest baseline at all
+    "hetero-muon": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "none")),
     # the converse control: unconstrained Muon without its weight decay. Does it drift like DGram?
     "unconstrained-no-wd": _split(lambda p: _muon(p, "none", weight_decay=0.0),
                                   lambda p: _muon(p, "none", weight_decay=0.0)),
