@@ -302,3 +302,28 @@ def test_seed_gaps_pair_unconstrained_muon_run_in_one_mode_with_each_mode_of_the
     assert not any(r["pair"] == "hetero-wd - hetero" and r["mode"] != "improved" for r in rows.values())
     assert ("hetero - unconstrained", "improved / paper") in rows
     assert len(rows) == len(gap_rows(tmp_path, results)) == 6
+
+
+def _record_many(out_dir, allocation, rounds, start):
+    start.wait()
+    for seed in range(rounds):
+        sweep._record_sweep(out_dir / "sweep.json", {"preset": "tiny-cpu", "allocations": [allocation],
+                                                      "seeds": [seed], "modes": [], "overrides": {}, "jobs": 1})
+
+
+def test_sweeps_side_by_side_into_one_folder_keep_each_others_runs(tmp_path):
+    # Sweeps started together into a new folder once failed on one shared temporary file
+    # (sweep.json.tmp renamed away by the other), and could drop each other's allocations.
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(6)
+    writers = [context.Process(target=_record_many, args=(tmp_path, f"alloc{i}", 30, start)) for i in range(6)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [w.exitcode for w in writers] == [0] * 6
+    spec = json.loads((tmp_path / "sweep.json").read_text())
+    assert sorted(spec["allocations"]) == [f"alloc{i}" for i in range(6)]
+    assert sorted(spec["seeds"]) == list(range(30))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json"]  # no temporary left behind

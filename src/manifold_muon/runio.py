@@ -13,6 +13,7 @@ as 17-digit doubles they were half of a packed run's bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 import math
@@ -20,6 +21,7 @@ import os
 import platform
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +69,7 @@ def atomic_save(obj, path) -> None:
     """``torch.save`` to a temporary file, fsync, then rename: a crash mid-write leaves the
     previous checkpoint intact (rename is atomic on POSIX filesystems)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with _temporary_beside(path) as (f, tmp):
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
@@ -123,12 +124,26 @@ class JsonlLog:
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a synced temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with _temporary_beside(path) as (f, tmp):
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path):
+    """An open file, and its name, in ``path``'s folder (so the rename stays on one filesystem),
+    named for this writer alone: two processes replacing the same file (sweeps run side by side
+    into one folder) each rename their own.  Removed if the write fails.  (Not ``mkstemp``: its
+    files are private to their owner, and results are shared.)"""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f, tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def pack_run(run_dir) -> tuple[int, int]:

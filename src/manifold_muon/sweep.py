@@ -11,6 +11,7 @@ instability classifier's verdict.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import make_config
 from .diagnostics import summarize_spectra
-from .runio import pack_run, read_jsonl, write_json
+from .runio import pack_run, read_jsonl, replace_file, write_json
 from .stability import classify_stability
 
 __all__ = ["run_sweep", "plan_runs", "collect_results", "run_name", "pack_finished_runs"]
@@ -119,15 +120,26 @@ def collect_results(out_dir, *, write: bool = True) -> list[dict]:
     for run_dir in sorted(p for p in out_dir.iterdir() if (p / "summary.json").is_file()):
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append({"run": run_dir.name, **summary, **verdict_for(run_dir)})
-    if write:
-        (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if write:  # whole or not at all: a sweep beside this one may be reading or writing it too
+        replace_file(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return rows
 
 
 def _record_sweep(path: Path, spec: dict) -> None:
     """Write the sweep's spec; lists (allocations, seeds, modes) merge with an earlier spec's.
     A different preset or different overrides would make the runs incomparable: refused
-    (settings that change how a run is operated, not what it computes, may differ)."""
+    (settings that change how a run is operated, not what it computes, may differ).  Sweeps run
+    side by side into one folder take turns here (a lock on the folder, which leaves no file
+    behind), so neither loses the other's lists."""
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        _merge_sweep_spec(path, spec)
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def _merge_sweep_spec(path: Path, spec: dict) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         experiment = lambda o: {k: v for k, v in (o or {}).items() if k not in OPERATIONAL}  # noqa: E731
