@@ -11,7 +11,6 @@ instability classifier's verdict.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import queue
@@ -28,6 +27,11 @@ from .config import make_config
 from .diagnostics import summarize_spectra
 from .runio import pack_run, read_jsonl, replace_file, write_json
 from .stability import classify_stability
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so sweeps there should not share a folder at once
+    fcntl = None
 
 __all__ = ["run_sweep", "plan_runs", "collect_results", "run_name", "pack_finished_runs"]
 
@@ -131,6 +135,8 @@ def _record_sweep(path: Path, spec: dict) -> None:
     (settings that change how a run is operated, not what it computes, may differ).  Sweeps run
     side by side into one folder take turns here (a lock on the folder, which leaves no file
     behind), so neither loses the other's lists."""
+    if fcntl is None:
+        return _merge_sweep_spec(path, spec)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
