@@ -1,11 +1,12 @@
-"""Run logs keep floats at float32 precision, and packing brings logs written before that rule to it."""
+"""Run logs keep floats at float32 precision, and packing brings logs written before that rule to it;
+files replaced whole stay whole when several processes replace one at once."""
 import json
 import lzma
 import math
 
 import numpy as np
 
-from manifold_muon.runio import JsonlLog, at_float32_precision, pack_run, read_jsonl
+from manifold_muon.runio import JsonlLog, at_float32_precision, pack_run, read_jsonl, replace_file
 
 LOSS32 = float(np.float32(5.735352516174316))  # what a float32 loss's .item() gives
 LR = 0.0029563713774219224
@@ -49,3 +50,27 @@ def test_pack_brings_old_logs_to_float32_precision_packed_or_not(tmp_path):
     packed_once = (tmp_path / "diagnostics.jsonl.xz").stat().st_size
     assert packed_once < len(lzma.compress(old))
     assert pack_run(tmp_path) == (0, 0)   # a second pack finds nothing to do
+
+
+def _replace_many(path, writer, rounds, start):
+    start.wait()
+    for i in range(rounds):
+        replace_file(path, f"{writer} {i}\n".encode() * 1000)
+
+
+def test_processes_replacing_one_file_at_once_each_rename_their_own_temporary(tmp_path):
+    # results.jsonl is rewritten by every sweep sharing a folder, with no lock: one shared
+    # temporary name let a writer rename another's file away (FileNotFoundError).
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(6)
+    path = tmp_path / "results.jsonl"
+    writers = [context.Process(target=_replace_many, args=(path, w, 40, start)) for w in range(6)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [w.exitcode for w in writers] == [0] * 6
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1000 and len(set(lines)) == 1  # one writer's file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]

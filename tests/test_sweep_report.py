@@ -312,8 +312,8 @@ def _record_many(out_dir, allocation, rounds, start):
 
 
 def test_sweeps_side_by_side_into_one_folder_keep_each_others_runs(tmp_path):
-    # Sweeps started together into a new folder once failed on one shared temporary file
-    # (sweep.json.tmp renamed away by the other), and could drop each other's allocations.
+    # Sweeps started together into one folder could drop each other's allocations (an unlocked
+    # read-merge-write); test_runio guards the temporary names that once made one of them fail.
     import multiprocessing
     context = multiprocessing.get_context("fork")
     start = context.Barrier(6)

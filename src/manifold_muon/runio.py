@@ -68,12 +68,8 @@ def _jsonl_at_float32_precision(data: bytes) -> bytes:
 def atomic_save(obj, path) -> None:
     """``torch.save`` to a temporary file, fsync, then rename: a crash mid-write leaves the
     previous checkpoint intact (rename is atomic on POSIX filesystems)."""
-    path = Path(path)
-    with _temporary_beside(path) as (f, tmp):
+    with _replaced_whole(Path(path)) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path, obj) -> None:
@@ -124,23 +120,24 @@ class JsonlLog:
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a synced temporary file and a rename."""
-    with _temporary_beside(path) as (f, tmp):
+    with _replaced_whole(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
-def _temporary_beside(path: Path):
-    """An open file, and its name, in ``path``'s folder (so the rename stays on one filesystem),
-    named for this writer alone: two processes replacing the same file (sweeps run side by side
-    into one folder) each rename their own.  Removed if the write fails.  (Not ``mkstemp``: its
-    files are private to their owner, and results are shared.)"""
+def _replaced_whole(path: Path):
+    """A file to write that replaces ``path`` when the block ends: written to a temporary in
+    ``path``'s folder (so the rename stays on one filesystem), synced, then renamed over it.
+    The temporary is named for this writer alone: two processes replacing the same file (sweeps
+    run side by side into one folder) each rename their own.  Removed if anything fails.  (Not
+    ``mkstemp``: its files are private to their owner, and results are shared.)"""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            yield f, tmp
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
