@@ -1,8 +1,12 @@
-"""The command line's override parsing: the forms people type, and the errors they get."""
+"""The command line's override parsing and the config's checks: the forms people type, and the errors they get."""
 import pytest
+import torch
 
+from manifold_muon.bench import run_bench
 from manifold_muon.cli import _split_overrides, build_parser
-from manifold_muon.config import make_config
+from manifold_muon.config import ConfigError, make_config
+from manifold_muon.optim.allocation import PRESETS
+from manifold_muon.sweep import run_sweep
 
 
 def test_overrides_accept_equals_space_and_bare_flags():
@@ -35,3 +39,53 @@ def test_train_help_lists_every_config_field():
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for field in ("diag_interval", "dual_form", "rope_theta", "max_nonfinite"):
         assert field in help_text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_iters": "-3"}, "bad value for max_iters: must be at least 1, got -3"),
+    ({"eval_interval": "0"}, "bad value for eval_interval: must be at least 1, got 0"),
+    ({"warmup_iters": "-1"}, "bad value for warmup_iters: must be at least 0"),
+    ({"dual_steps": "-2"}, "bad value for dual_steps: must be at least 0, or -1"),
+    ({"muon_lr": "nan"}, "bad value for muon_lr: must be a finite number >= 0, got nan"),
+    ({"adamw_lr": "-0.001"}, "bad value for adamw_lr: must be a finite number >= 0"),
+    ({"muon_momentum": "1"}, r"bad value for muon_momentum: must be in \[0, 1\), got 1.0"),
+    ({"muon_weight_decay": "-0.5"}, "bad value for muon_weight_decay: must be >= 0, or -1"),
+    ({"allocation": "herero"}, "bad value for allocation: 'herero'; valid choices: unconstrained, all-stiefel"),
+    ({"mode": "exact"}, "bad value for mode: 'exact'; valid choices: paper, fast, improved"),
+    ({"dual_form": "grams"}, "bad value for dual_form: 'grams'; valid choices: matrix, gram"),
+    ({"msign_dtype": "fp16"}, "bad value for msign_dtype: 'fp16'; valid choices: '', bfloat16, float32"),
+    ({"matmul_precision": "tf32"}, "bad value for matmul_precision: 'tf32'; valid choices: highest, high, medium"),
+    ({"device": "tpu"}, "bad value for device: 'tpu' is no device torch knows; valid choices: auto, cpu, cuda"),
+])
+def test_settings_no_run_could_use_are_refused_when_the_config_is_made(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config("tiny-cpu", overrides)
+
+
+def test_every_bad_setting_is_named_at_once_and_the_usable_edges_pass():
+    with pytest.raises(ConfigError) as refused:
+        make_config("tiny-cpu", {"batch_size": "0", "grad_clip": "-1", "device": "gpu"})
+    assert [p.split(":")[0] for p in refused.value.problems] == [
+        "bad value for batch_size", "bad value for grad_clip", "bad value for device"]
+    edges = {"warmup_iters": "0", "dual_steps": "0", "muon_lr": "0", "grad_clip": "0", "muon_momentum": "0",
+             "muon_weight_decay": "-1", "msign_dtype": "float32", "device": "cpu", "max_iters": "1"}
+    assert make_config("tiny-cpu", edges).torch_device() == torch.device("cpu")
+
+
+def test_a_sweep_with_bad_settings_names_them_all_and_writes_nothing(tmp_path):
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError) as refused:
+        run_sweep("tiny-cpu", ["hetero", "herero"], [1], out, modes=["fast", "exact"])
+    assert str(refused.value).splitlines() == [
+        "bad value for mode: 'exact'; valid choices: paper, fast, improved",
+        f"bad value for allocation: 'herero'; valid choices: {', '.join(PRESETS)}"]
+    assert not out.exists()   # no sweep.json naming runs that can never exist
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_times_the_device_asked_for_rather_than_falling_back():
+    # before, the bench ignored --device and timed whatever 'auto' found
+    with pytest.raises((RuntimeError, AssertionError), match="(?i)cuda"):
+        run_bench("tiny-cpu", allocations=["unconstrained"], modes=["fast"], rounds=1, warmup=1, progress=False,
+                  overrides={"device": "cuda", "n_layer": "1", "n_embd": "16", "n_head": "2", "block_size": "8",
+                             "vocab_size": "64", "batch_size": "2"})

@@ -196,7 +196,7 @@ def test_muon_weight_decay_moves_muons_decayed_groups_and_leaves_adamw_and_undec
     # the paper's undecayed manifold weights stay undecayed whatever the strength
     assert decay("hetero", muon_weight_decay="0.3")[("muon", "dgram", "c_fc")] == 0.0
     assert decay("unconstrained", muon_weight_decay="0.3")[("muon", "none", "c_attn")] == 0.3
-    with pytest.raises(ValueError, match="muon_weight_decay must be >= 0, or -1 .* got -0.5"):
+    with pytest.raises(ValueError, match="bad value for muon_weight_decay: must be >= 0, or -1 .* got -0.5"):
         decay("unconstrained", muon_weight_decay="-0.5")
 
 

@@ -139,13 +139,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECTION_MODES, rounds: int = 5,
-              warmup: int = 2, overrides: dict[str, str] | None = None, device: str = "auto",
-              progress: bool = True) -> dict:
+              warmup: int = 2, overrides: dict[str, str] | None = None, progress: bool = True) -> dict:
     bad = [m for m in modes if m not in DIRECTION_MODES]
     if bad:
         raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(DIRECTION_MODES)}")
     cfg = make_config(preset, overrides or {})
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = cfg.torch_device()   # --device=cuda:1 picks the GPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(cfg.model.vocab_size, (cfg.batch_size, cfg.model.block_size), generator=gen).to(dev)

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
-from .model import ModelConfig
+import torch
 
-__all__ = ["TrainConfig", "CONFIG_PRESETS", "make_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+from .model import ModelConfig
+from .optim.allocation import PRESETS
+from .optim.dual import DIRECTION_MODES, DUAL_FORMS
+from .optim.optimizer import MSIGN_DTYPES
+from .optim.precision import MATMUL_PRECISIONS
+
+__all__ = ["TrainConfig", "ConfigError", "CONFIG_PRESETS", "make_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+
+
+class ConfigError(ValueError):
+    """Every unusable setting of a config, one message each in ``problems``."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 @dataclass
@@ -57,6 +72,13 @@ class TrainConfig:
     inject_nonfinite_at: tuple = ()   # iterations whose loss is replaced by NaN
     fail_at_iter: int = -1            # raise at this iteration, as a crash would
 
+    def __post_init__(self):
+        # Checked here, when the config is made, so that a typo fails before data is loaded or a
+        # sweep has started any run, naming the key, the value and what is valid.
+        problems = [f"bad value for {name}: {problem}" for name, problem in _bad_settings(self)]
+        if problems:
+            raise ConfigError(problems)
+
     def dual_steps_for(self, mode: str) -> int | None:
         """The solver's iteration cap for ``mode``: ``dual_steps`` caps the improved solver only;
         paper mode stays the reference (20 steps) and fast mode takes none.  None: the mode's default."""
@@ -65,9 +87,6 @@ class TrainConfig:
     def decay_for(self, algorithm: str) -> float:
         """The decay of a group that decays: ``muon_weight_decay`` moves Muon's alone, so that a
         decay strength can be varied without moving AdamW's share (embeddings, head)."""
-        if self.muon_weight_decay < 0 and self.muon_weight_decay != -1:
-            raise ValueError("muon_weight_decay must be >= 0, or -1 for weight_decay's value; "
-                             f"got {self.muon_weight_decay:g}")
         return self.muon_weight_decay if algorithm == "muon" and self.muon_weight_decay >= 0 else self.weight_decay
 
     def numerics_options(self) -> dict:
@@ -77,6 +96,47 @@ class TrainConfig:
 
     def run_dir(self) -> str:
         return self.out_dir or f"runs/{self.preset}/{self.allocation}-s{self.seed}"
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        """``device`` as torch takes it; ``auto``: this rank's GPU where there is one, else the CPU."""
+        if self.device == "auto":
+            return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+_AT_LEAST_ONE = ("batch_size", "grad_accum", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
+                 "max_nonfinite")
+_AT_LEAST_ZERO = ("warmup_iters", "ckpt_interval", "diag_interval", "msign_steps")
+_NON_NEGATIVE = ("adamw_lr", "min_lr", "muon_lr", "weight_decay", "grad_clip")   # 0 is meaningful for each
+_CHOICES = {"allocation": tuple(PRESETS), "mode": DIRECTION_MODES, "dual_form": DUAL_FORMS,
+            "msign_dtype": ("", *MSIGN_DTYPES), "matmul_precision": MATMUL_PRECISIONS}
+
+
+def _bad_settings(cfg: TrainConfig):
+    """(key, what is wrong) for each setting of ``cfg`` that no run could use."""
+    for name in _AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            yield name, f"must be at least 1, got {getattr(cfg, name)}"
+    for name in _AT_LEAST_ZERO:
+        if getattr(cfg, name) < 0:
+            yield name, f"must be at least 0, got {getattr(cfg, name)}"
+    if cfg.dual_steps < -1:
+        yield "dual_steps", f"must be at least 0, or -1 for the solver's default; got {cfg.dual_steps}"
+    for name in _NON_NEGATIVE:
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):   # NaN fails both
+            yield name, f"must be a finite number >= 0, got {getattr(cfg, name)}"
+    if not (cfg.muon_weight_decay >= 0 or cfg.muon_weight_decay == -1) or math.isinf(cfg.muon_weight_decay):
+        yield "muon_weight_decay", f"must be >= 0, or -1 for weight_decay's value; got {cfg.muon_weight_decay:g}"
+    if not 0 <= cfg.muon_momentum < 1:
+        yield "muon_momentum", f"must be in [0, 1), got {cfg.muon_momentum}"
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            yield name, f"{getattr(cfg, name)!r}; valid choices: {', '.join(repr(c) if not c else c for c in choices)}"
+    try:
+        if cfg.device != "auto":
+            torch.device(cfg.device)
+    except RuntimeError:
+        yield "device", f"{cfg.device!r} is no device torch knows; valid choices: auto, cpu, cuda, cuda:N (or another torch device)"
 
 
 def gpt2_small() -> TrainConfig:

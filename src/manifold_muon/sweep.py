@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import make_config
+from .config import ConfigError, make_config
 from .diagnostics import summarize_spectra
 from .runio import pack_run, read_jsonl, replace_file, write_json
 from .stability import classify_stability
@@ -159,6 +159,20 @@ def _merge_sweep_spec(path: Path, spec: dict) -> None:
     write_json(path, spec)
 
 
+def _configs_or_every_problem(preset: str, planned: list[dict]) -> list:
+    """Each planned run's config; if any is unusable (``--allocations hetero,foo --modes fast2``),
+    one error naming every distinct problem of every run, before the sweep writes or runs anything."""
+    configs, problems = [], {}
+    for run_overrides in planned:
+        try:
+            configs.append(make_config(preset, run_overrides))
+        except ConfigError as e:
+            problems.update(dict.fromkeys(e.problems))
+    if problems:
+        raise ValueError("\n".join(problems))
+    return configs
+
+
 def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *, overrides: dict[str, str] | None = None,
               modes: list[str] | None = None, jobs: int = 1, quiet: bool = False) -> list[dict]:
     """Run the sweep and return its results; raises if any run failed (after running the rest).
@@ -168,7 +182,6 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
     (or ``overrides``') mode.  A sweep run again into the same directory with more
     allocations, seeds or modes adds those runs; ``sweep.json`` keeps the union."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
     if modes and "mode" in overrides:
         raise ValueError("give the mode either as --modes or as --mode=, not both")
@@ -178,14 +191,13 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
     slots = _gpu_slots(gpus, jobs)
     jobs = len(slots) or jobs
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    planned = plan_runs(allocations, seeds, out_dir, overrides=overrides, modes=modes)
+    configs = _configs_or_every_problem(preset, planned)
+    out_dir.mkdir(parents=True, exist_ok=True)
     _record_sweep(out_dir / "sweep.json", {"preset": preset, "allocations": allocations, "seeds": seeds,
                                            "modes": list(modes or []), "overrides": overrides, "jobs": jobs})
-    planned = plan_runs(allocations, seeds, out_dir, overrides=overrides, modes=modes)
-    todo = []
-    for run_overrides in planned:
-        cfg = make_config(preset, run_overrides)  # validates every override before anything runs
-        if not _is_finished(Path(cfg.out_dir), cfg.max_iters):
-            todo.append(run_overrides)
+    todo = [run_overrides for run_overrides, cfg in zip(planned, configs)
+            if not _is_finished(Path(cfg.out_dir), cfg.max_iters)]
     skipped = len(planned) - len(todo)
     if skipped and not quiet:
         print(f"{skipped} finished run(s) skipped; {len(todo)} to run")

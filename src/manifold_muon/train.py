@@ -50,12 +50,6 @@ def _distributed() -> tuple[int, int, int]:
     return (dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))) if world > 1 else (0, 1, 0)
 
 
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def _mean_across_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(value)
@@ -80,7 +74,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world, local_rank = _distributed()
-        self.device = _device(cfg, local_rank)
+        self.device = cfg.torch_device(local_rank)
         self.main = self.rank == 0
         self.dir = Path(cfg.run_dir())
         torch.manual_seed(cfg.seed)  # identical init on every rank

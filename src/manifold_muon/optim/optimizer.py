@@ -90,10 +90,11 @@ from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
 from .precision import MATMUL_PRECISIONS, float32_matmul_precision
 
-__all__ = ["ManifoldMuon", "ALGORITHMS"]
+__all__ = ["ManifoldMuon", "ALGORITHMS", "MSIGN_DTYPES"]
 
 ALGORITHMS = ("muon", "adamw")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+MSIGN_DTYPES = tuple(_DTYPES)
 _ADJUST_LR = (None, "original", "match_rms_adamw")
 
 DEFAULTS = dict(
