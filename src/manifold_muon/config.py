@@ -1,5 +1,6 @@
 """Typed run configuration.  Presets are functions; ``--key=value`` overrides are typed by
-the dataclass fields (model fields and training fields share one flat namespace)."""
+the dataclass fields (model fields and training fields share one flat namespace), and a config
+no run could use is refused when it is made (:class:`ConfigError`, naming every bad key)."""
 from __future__ import annotations
 
 import dataclasses
@@ -125,13 +126,14 @@ def _bad_settings(cfg: TrainConfig):
     for name in _NON_NEGATIVE:
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):   # NaN fails both
             yield name, f"must be a finite number >= 0, got {getattr(cfg, name)}"
-    if not (cfg.muon_weight_decay >= 0 or cfg.muon_weight_decay == -1) or math.isinf(cfg.muon_weight_decay):
+    decay = cfg.muon_weight_decay
+    if not (decay == -1 or (math.isfinite(decay) and decay >= 0)):
         yield "muon_weight_decay", f"must be >= 0, or -1 for weight_decay's value; got {cfg.muon_weight_decay:g}"
     if not 0 <= cfg.muon_momentum < 1:
         yield "muon_momentum", f"must be in [0, 1), got {cfg.muon_momentum}"
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
-            yield name, f"{getattr(cfg, name)!r}; valid choices: {', '.join(repr(c) if not c else c for c in choices)}"
+            yield name, f"{getattr(cfg, name)!r}; valid choices: {', '.join(c or repr(c) for c in choices)}"
     try:
         if cfg.device != "auto":
             torch.device(cfg.device)
