@@ -56,6 +56,11 @@ def test_train_help_lists_every_config_field():
     ({"msign_dtype": "fp16"}, "bad value for msign_dtype: 'fp16'; valid choices: '', bfloat16, float32"),
     ({"matmul_precision": "tf32"}, "bad value for matmul_precision: 'tf32'; valid choices: highest, high, medium"),
     ({"device": "tpu"}, "bad value for device: 'tpu' is no device torch knows; valid choices: auto, cpu, cuda"),
+    ({"n_head": "0"}, "bad value for n_head: must be at least 1, got 0"),   # was a ZeroDivisionError
+    ({"n_embd": "100", "n_head": "3"}, "bad value for n_embd: 100 must be divisible by n_head=3"),
+    ({"arch": "llama", "n_embd": "96", "n_head": "32"}, "head size n_embd/n_head=3 must be even"),
+    ({"dropout": "1.5"}, r"bad value for dropout: must be in \[0, 1\), got 1.5"),
+    ({"arch": "gpt3"}, "bad value for arch: 'gpt3'; valid choices: gpt2, llama"),
 ])
 def test_settings_no_run_could_use_are_refused_when_the_config_is_made(overrides, message):
     with pytest.raises(ValueError, match=message):

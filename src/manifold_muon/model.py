@@ -32,10 +32,26 @@ class ModelConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; valid choices: {', '.join(ARCHS)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        problems = [f"bad value for {name}: {problem}" for name, problem in _bad_shape(self)]
+        if problems:
+            raise ValueError("\n".join(problems))
+
+
+def _bad_shape(cfg: ModelConfig):
+    """(key, what is wrong) for each setting of ``cfg`` no model could be built with."""
+    if cfg.arch not in ARCHS:
+        yield "arch", f"{cfg.arch!r}; valid choices: {', '.join(ARCHS)}"
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if getattr(cfg, name) < 1:
+            yield name, f"must be at least 1, got {getattr(cfg, name)}"
+    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
+        yield "n_embd", f"{cfg.n_embd} must be divisible by n_head={cfg.n_head}"
+    elif cfg.arch == "llama" and cfg.n_head >= 1 and (cfg.n_embd // cfg.n_head) % 2:
+        yield "n_embd", f"rotary positions rotate channel pairs: the head size n_embd/n_head={cfg.n_embd // cfg.n_head} must be even"
+    if not 0 <= cfg.dropout < 1:
+        yield "dropout", f"must be in [0, 1), got {cfg.dropout}"
+    if not cfg.rope_theta > 0:
+        yield "rope_theta", f"must be > 0, got {cfg.rope_theta}"
 
 
 def _rotary(x: torch.Tensor, theta: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, make_config
+from .config import make_config
 from .diagnostics import summarize_spectra
 from .runio import pack_run, read_jsonl, replace_file, write_json
 from .stability import classify_stability
@@ -166,8 +166,8 @@ def _configs_or_every_problem(preset: str, planned: list[dict]) -> list:
     for run_overrides in planned:
         try:
             configs.append(make_config(preset, run_overrides))
-        except ConfigError as e:
-            problems.update(dict.fromkeys(e.problems))
+        except ValueError as e:   # the config's and the model's, one problem a line
+            problems.update(dict.fromkeys(str(e).splitlines()))
     if problems:
         raise ValueError("\n".join(problems))
     return configs
