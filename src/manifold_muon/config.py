@@ -102,7 +102,14 @@ class TrainConfig:
         """``device`` as torch takes it; ``auto``: this rank's GPU where there is one, else the CPU."""
         if self.device == "auto":
             return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        gpus = torch.cuda.device_count()
+        if device.type == "cuda" and (device.index or 0) >= gpus:   # else torch fails later, less clearly
+            raise RuntimeError(f"device {self.device!r} was asked for, and torch {torch.__version__} sees "
+                               f"{gpus} CUDA GPU(s); use --device=auto, --device=cpu or an index below {gpus}"
+                               if gpus else f"device {self.device!r} was asked for, and torch {torch.__version__} "
+                               "sees no CUDA GPU; use --device=auto or --device=cpu")
+        return device
 
 
 _AT_LEAST_ONE = ("batch_size", "grad_accum", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
