@@ -158,6 +158,38 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(data_dir, 
         assert (a["model"][k] - b["model"][k]).norm() <= weight_rtol * a["model"][k].norm(), k
 
 
+
+def _ddp_rank_counting_live_wrappers(rank, port, cfg, counts):
+    """One rank of a 2-process gloo run of ``train``, recording how many DDP wrappers are alive
+    when the process group is destroyed."""
+    import gc
+    import torch.distributed as dist
+    from manifold_muon import train as train_module
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    destroy = dist.destroy_process_group
+
+    def counting_destroy(*args, **kwargs):
+        ddp = torch.nn.parallel.DistributedDataParallel
+        counts[rank] = sum(isinstance(obj, ddp) for obj in gc.get_objects())
+        return destroy(*args, **kwargs)
+
+    train_module.dist.destroy_process_group = counting_destroy
+    train_module.train(cfg)
+
+
+def test_ddp_ranks_free_their_wrapper_before_the_process_group(data_dir, tmp_path):
+    # The group's destructor, run from DDP's Reducer as its last holder, joined gloo's threads with
+    # the GIL held and hung a rank at exit (pytorch/pytorch#56297); train frees DDP first.
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    counts = mp.get_context("spawn").Manager().dict()
+    cfg = tiny(data_dir, tmp_path / "ddp", max_iters=2, eval_interval=2, batch_size=2, allocation="unconstrained")
+    mp.spawn(_ddp_rank_counting_live_wrappers, args=(port, cfg, counts), nprocs=2, join=True)
+    assert dict(counts) == {0: 0, 1: 0}
+
 def test_config_overrides_are_typed_and_checked():
     cfg = apply_overrides(make_config("tiny-cpu"), {"n_layer": "3", "compile": "false", "inject_nonfinite_at": "1,2"})
     assert cfg.model.n_layer == 3 and cfg.compile is False and cfg.inject_nonfinite_at == (1, 2)
