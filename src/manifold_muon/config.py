@@ -10,21 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import ModelConfig
+from .model import ConfigError, ModelConfig
 from .optim.allocation import PRESETS
 from .optim.dual import DIRECTION_MODES, DUAL_FORMS
 from .optim.optimizer import MSIGN_DTYPES
 from .optim.precision import MATMUL_PRECISIONS
 
 __all__ = ["TrainConfig", "ConfigError", "CONFIG_PRESETS", "make_config", "apply_overrides", "config_to_dict", "config_from_dict"]
-
-
-class ConfigError(ValueError):
-    """Every unusable setting of a config, one message each in ``problems``."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass
@@ -76,9 +68,7 @@ class TrainConfig:
     def __post_init__(self):
         # Checked here, when the config is made, so that a typo fails before data is loaded or a
         # sweep has started any run, naming the key, the value and what is valid.
-        problems = [f"bad value for {name}: {problem}" for name, problem in _bad_settings(self)]
-        if problems:
-            raise ConfigError(problems)
+        ConfigError.check(_bad_settings(self))
 
     def dual_steps_for(self, mode: str) -> int | None:
         """The solver's iteration cap for ``mode``: ``dual_steps`` caps the improved solver only;
@@ -105,10 +95,9 @@ class TrainConfig:
         device = torch.device(self.device)
         gpus = torch.cuda.device_count()
         if device.type == "cuda" and (device.index or 0) >= gpus:   # else torch fails later, less clearly
-            raise RuntimeError(f"device {self.device!r} was asked for, and torch {torch.__version__} sees "
-                               f"{gpus} CUDA GPU(s); use --device=auto, --device=cpu or an index below {gpus}"
-                               if gpus else f"device {self.device!r} was asked for, and torch {torch.__version__} "
-                               "sees no CUDA GPU; use --device=auto or --device=cpu")
+            seen = (f"sees {gpus} CUDA GPU(s); use --device=auto, --device=cpu or an index below {gpus}" if gpus
+                    else "sees no CUDA GPU; use --device=auto or --device=cpu")
+            raise RuntimeError(f"device {self.device!r} was asked for, and torch {torch.__version__} {seen}")
         return device
 
 

@@ -8,15 +8,32 @@ so the same allocation presets resolve on both.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ModelConfig", "GPT", "ARCHS"]
+__all__ = ["ModelConfig", "ConfigError", "GPT", "ARCHS"]
 
 ARCHS = ("gpt2", "llama")
+
+
+class ConfigError(ValueError):
+    """Every unusable setting of a config (the model's or the run's), one message a line, each
+    also in ``problems``."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    @classmethod
+    def check(cls, bad: Iterable[tuple[str, str]]) -> None:
+        """Raise naming every ``(key, what is wrong)`` of ``bad``; nothing if it is empty."""
+        problems = [f"bad value for {name}: {problem}" for name, problem in bad]
+        if problems:
+            raise cls(problems)
 
 
 @dataclass
@@ -32,9 +49,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        problems = [f"bad value for {name}: {problem}" for name, problem in _bad_shape(self)]
-        if problems:
-            raise ValueError("\n".join(problems))
+        ConfigError.check(_bad_shape(self))
 
 
 def _bad_shape(cfg: ModelConfig):

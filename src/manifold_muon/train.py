@@ -315,18 +315,16 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or resume, if the run directory holds a checkpoint) and return the summary."""
     trainer = Trainer(cfg)
     summary = trainer.run()  # on an exception torchrun stops the other ranks; no barrier then
-    distributed = trainer.world > 1 and dist.is_initialized()
-    if distributed:
+    if trainer.world > 1 and dist.is_initialized():
         # Leave together: a rank that exits while a peer still talks to it makes gloo abort
         # the peer (seen as an intermittent SIGABRT at the end of CPU DDP runs).
         dist.barrier()
-    # Free DDP (its Reducer) while the default group still holds the process group.  Were the
-    # Reducer its last holder, gloo's destructor would join its worker threads with the GIL
-    # held while one needs the GIL to free a tensor: the rank hangs at exit (seen in a CPU DDP
-    # test under load, and reproduced; pytorch/pytorch#56297).  destroy_process_group drops it
-    # with the GIL released.
-    del trainer
-    gc.collect()
-    if distributed:
+        # Free DDP (its Reducer) while the default group still holds the process group.  Were
+        # the Reducer its last holder, gloo's destructor would join its worker threads with the
+        # GIL held while one needs the GIL to free a tensor: the rank hangs at exit (seen in a
+        # CPU DDP test under load, and reproduced; pytorch/pytorch#56297).
+        # destroy_process_group drops it with the GIL released.
+        del trainer
+        gc.collect()
         dist.destroy_process_group()
     return summary
