@@ -5,6 +5,7 @@ import torch
 from manifold_muon.bench import run_bench
 from manifold_muon.cli import _split_overrides, build_parser
 from manifold_muon.config import ConfigError, make_config
+from manifold_muon.data import DataError
 from manifold_muon.optim.allocation import PRESETS
 from manifold_muon.sweep import run_sweep
 
@@ -85,6 +86,18 @@ def test_a_sweep_with_bad_settings_names_them_all_and_writes_nothing(tmp_path):
         "bad value for mode: 'exact'; valid choices: paper, fast, improved",
         f"bad value for allocation: 'herero'; valid choices: {', '.join(PRESETS)}"]
     assert not out.exists()   # no sweep.json naming runs that can never exist
+
+
+@pytest.mark.parametrize("folder, hint", [("local-corpus", "python scripts/build_local_corpus.py --out"),
+                                          ("openwebtext", "manifold-muon prepare openwebtext --out"),
+                                          ("my-text", "manifold-muon prepare shakespeare --out")])
+def test_a_sweep_without_its_data_says_how_to_make_it_and_writes_nothing(tmp_path, folder, hint):
+    # before, each run failed into its own train.log and the sweep said only "see their train.log"
+    out, data = tmp_path / "sweep", tmp_path / folder
+    with pytest.raises(DataError) as refused:
+        run_sweep("tiny-cpu", ["hetero", "unconstrained"], [1], out, overrides={"data_dir": str(data)}, quiet=True)
+    assert str(refused.value).startswith(f"missing {data / 'train.bin'}; prepare data first: `{hint} {data}`")
+    assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -45,7 +45,8 @@ def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):  # no
         assert losses(crashy / f"{alloc}-s1") == losses(straight / f"{alloc}-s1")
     assert {r["allocation"] for r in results} == set(ALLOCS)
     stamp = (crashy / "hetero-s1" / "summary.json").stat().st_mtime_ns
-    run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir), quiet=True)  # nothing left to run
+    data_dir.rename(tmp_path / "data-elsewhere")   # nothing left to run, so the data is not needed
+    run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir), quiet=True)
     assert (crashy / "hetero-s1" / "summary.json").stat().st_mtime_ns == stamp
     rows = read_jsonl(crashy / "results.jsonl")
     assert [r["run"] for r in rows] == ["hetero-s1", "unconstrained-s1"] and all("verdict" in r for r in rows)
@@ -180,7 +181,7 @@ def test_gpu_slots_give_every_gpu_a_run_and_share_the_rest():
     assert _gpu_slots(2, 5) == [0, 1, 0, 1, 0]
 
 
-def test_sweep_runs_jobs_side_by_side_on_one_gpu(monkeypatch, tmp_path):
+def test_sweep_runs_jobs_side_by_side_on_one_gpu(data_dir, monkeypatch, tmp_path):  # noqa: F811
     """Four runs, --jobs 3, one (pretended) GPU: three at a time, all on GPU 0, threads split."""
     import threading
     import time
@@ -199,12 +200,14 @@ def test_sweep_runs_jobs_side_by_side_on_one_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep.torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(sweep.subprocess, "run", fake_run)
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 12)
-    run_sweep("tiny-cpu", ["hetero", "all-stiefel"], [1, 2], tmp_path, jobs=3, quiet=True)
+    out = tmp_path / "sweep"
+    run_sweep("tiny-cpu", ["hetero", "all-stiefel"], [1, 2], out, jobs=3, quiet=True,
+              overrides={"data_dir": str(data_dir), "vocab_size": str(VOCAB)})
     assert peak[0] == 3 and len(envs) == 4
     assert set(envs) == {("0", "4")}
-    assert json.loads((tmp_path / "sweep.json").read_text())["jobs"] == 3
+    assert json.loads((out / "sweep.json").read_text())["jobs"] == 3
     with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
-        run_sweep("tiny-cpu", ["hetero"], [1], tmp_path, jobs=0, quiet=True)
+        run_sweep("tiny-cpu", ["hetero"], [1], out, jobs=0, quiet=True)
 
 
 def test_report_errors_are_clear(tmp_path):

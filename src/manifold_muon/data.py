@@ -24,6 +24,17 @@ class DataError(ValueError):
     """A data folder that cannot be trained on; the message says why and what to do."""
 
 
+def how_to_prepare(folder) -> str:
+    """The command that writes ``folder``, by its name: the presets' folders each have their own."""
+    folder = Path(folder)
+    if folder.name == "local-corpus":
+        return f"`python scripts/build_local_corpus.py --out {folder}` (the offline English corpus, see the README)"
+    if folder.name == "openwebtext":
+        return f"`manifold-muon prepare openwebtext --out {folder}` (needs the internet and HF datasets)"
+    return (f"`manifold-muon prepare shakespeare --out {folder}` (the embedded corpus), or "
+            f"`manifold-muon prepare text FILE ... --out {folder}` (your own text)")
+
+
 @dataclass
 class TokenData:
     train: np.ndarray
@@ -43,7 +54,7 @@ class TokenData:
         for split in ("train", "val"):
             path = folder / f"{split}.bin"
             if not path.is_file():
-                raise DataError(f"missing {path}; prepare data first, e.g. `manifold-muon prepare shakespeare --out {folder}`")
+                raise DataError(f"missing {path}; prepare data first: {how_to_prepare(folder)}")
             size = path.stat().st_size
             if size == 0:
                 raise DataError(f"{path} is empty")

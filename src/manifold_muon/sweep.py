@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import make_config
+from .data import TokenData
 from .diagnostics import summarize_spectra
 from .runio import pack_run, read_jsonl, replace_file, write_json
 from .stability import classify_stability
@@ -173,6 +174,15 @@ def _configs_or_every_problem(preset: str, planned: list[dict]) -> list:
     return configs
 
 
+def _check_data(configs) -> None:
+    """Every data folder the runs to come read, opened and checked once (missing, truncated, wrong
+    vocabulary: ``data.DataError``) before the sweep writes anything, rather than each run failing
+    into its own train.log.  Finished runs need none, so a finished sweep reports without its data."""
+    for data_dir, block_size, vocab_size in dict.fromkeys((c.data_dir, c.model.block_size, c.model.vocab_size)
+                                                          for c in configs):
+        TokenData.load(data_dir, block_size=block_size, vocab_size=vocab_size)
+
+
 def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *, overrides: dict[str, str] | None = None,
               modes: list[str] | None = None, jobs: int = 1, quiet: bool = False) -> list[dict]:
     """Run the sweep and return its results; raises if any run failed (after running the rest).
@@ -193,11 +203,13 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
     threads = max(1, (os.cpu_count() or 1) // jobs)
     planned = plan_runs(allocations, seeds, out_dir, overrides=overrides, modes=modes)
     configs = _configs_or_every_problem(preset, planned)
+    unfinished = [(run_overrides, cfg) for run_overrides, cfg in zip(planned, configs)
+                  if not _is_finished(Path(cfg.out_dir), cfg.max_iters)]
+    _check_data(cfg for _, cfg in unfinished)
+    todo = [run_overrides for run_overrides, _ in unfinished]
     out_dir.mkdir(parents=True, exist_ok=True)
     _record_sweep(out_dir / "sweep.json", {"preset": preset, "allocations": allocations, "seeds": seeds,
                                            "modes": list(modes or []), "overrides": overrides, "jobs": jobs})
-    todo = [run_overrides for run_overrides, cfg in zip(planned, configs)
-            if not _is_finished(Path(cfg.out_dir), cfg.max_iters)]
     skipped = len(planned) - len(todo)
     if skipped and not quiet:
         print(f"{skipped} finished run(s) skipped; {len(todo)} to run")
