@@ -7,7 +7,8 @@ from manifold_muon import get_manifold, manifold_direction, msign, solve_directi
 from manifold_muon.optim.dual import alignment
 from conftest import dual_bound, matmul_dtypes, momentum_like, point_on
 
-FAST_NORM_TOL = 5e-3   # fast mode's ||A||_2 <= 1 up to its Lanczos estimate (measured within 3e-3)
+FAST_NORM_TOL = 5e-3   # fast mode's ||A||_2 <= 1 up to its Lanczos estimate (within 3e-3 on random and
+                       # improved-mode momenta; 6.7e-3 once along a fast-mode trajectory, see the xfail below)
 
 CASES = [(man, shape, seed) for man in ("stiefel", "dgram", "oblique")
          for shape in ((96, 32), (32, 96), (128, 48)) for seed in (0, 1)]
@@ -188,6 +189,31 @@ def test_fast_mode_is_the_improved_warm_start_and_repair_without_steps(man, shap
     assert (default.direction / default.direction.norm() - zero_bf16.direction / zero_bf16.direction.norm()).norm() < 0.06
     assert get_manifold(man).tangent_violation(w, default.direction) < 1e-6
     check_feasible(w, default.direction, man, norm_tol=FAST_NORM_TOL)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known: fast mode's 16-step Lanczos norm estimate can fall 6.7e-3 "
+                   "short on a tall Stiefel direction whose singular values cluster; a fix makes this pass")
+def test_fast_mode_keeps_its_norm_bound_along_its_own_trajectory():
+    # 30 hetero steps in fast mode on a tiny GPT, then fast mode's direction at the next momenta.
+    # The second tall attention matrix came out with ||A||_2 = 1.0067 (torch 2.13, CPU): the
+    # estimate is a lower bound (Ritz value), and the tangent projection leaves the top singular
+    # values of a near-orthogonal direction clustered, where Lanczos converges slowest.
+    from conftest import TinyGPT, markov_batches
+    from manifold_muon import ManifoldMuon, resolve
+    torch.manual_seed(0)
+    model = TinyGPT(d=32)
+    opt = ManifoldMuon(resolve(model, "hetero"), mode="fast")
+    for i, (x, y) in enumerate(markov_batches(steps=31)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        if i < 30:
+            opt.step()
+    for group in opt.param_groups:
+        if group["manifold"] in ("stiefel", "dgram"):
+            for p in group["params"]:
+                g = p.grad + 0.95 * (0.95 * opt.state[p]["momentum_buffer"] + p.grad)   # the next Nesterov G
+                fast = manifold_direction(p.detach(), g, group["manifold"], mode="fast")
+                check_feasible(p.detach(), fast, group["manifold"], norm_tol=FAST_NORM_TOL)
 
 
 @pytest.mark.parametrize("man,shape", [("stiefel", (96, 32)), ("stiefel", (48, 48)), ("dgram", (96, 32))])
