@@ -48,8 +48,9 @@ Three modes:
   rescales by a Lanczos estimate of the spectral norm instead of an eigendecomposition (slow
   on GPUs), so ``||A||_2 <= 1`` holds to that estimate's accuracy (within 3e-3 on most
   momenta we measured; 6.7e-3 on one tall Stiefel matrix along fast mode's own trajectory, a
-  known gap: see test_fast_mode_keeps_its_norm_bound_along_its_own_trajectory).  On the momenta of tiny GPTs (``benchmarks/direction_quality.py``)
-  it was as well aligned as 64 L-BFGS iterations, and better than
+  known gap: see test_fast_mode_keeps_its_norm_bound_along_its_own_trajectory).  On the
+  momenta of tiny GPTs (``benchmarks/direction_quality.py``) it was as well aligned as 64
+  L-BFGS iterations, and better than
   2-16 of them (repairing an unconverged iterate loses alignment), and better than the
   paper's 20 steps once those are made feasible.
 """
