@@ -163,7 +163,9 @@ def test_default_direction_reaches_the_bound_on_real_training_momenta():
         bound = dual_bound(w, g, manifold)
         assert (g.double() * a.double()).sum() >= 0.97 * bound
         fast = manifold_direction(w, g, manifold, mode="fast")   # one msign, no dual steps
-        assert get_manifold(manifold).tangent_violation(w, fast) <= 5e-3
+        # twice the usual norm tolerance: the xfail below holds these momenta to FAST_NORM_TOL, and
+        # this catches anything worse than its known 6.7e-3 gap
+        check_feasible(w, fast, manifold, norm_tol=2 * FAST_NORM_TOL)
         assert (g.double() * fast.double()).sum() >= 0.8 * bound
         checked += 1
     assert checked == 6
