@@ -7,7 +7,8 @@ batches them, it times side by side (interleaved rounds, medians):
 * Muon's msign: Newton-Schulz 5 steps in bf16 (``torch.optim.Muon``'s), Polar Express 10
   steps in float32 (our improved mode's) and bf16 (paper and fast mode's), and 7 steps;
 * the retraction: Polar Express 10 steps (before) vs ``msign_near_orthogonal`` (now);
-* the repair's spectral norm: eigendecomposition (improved mode) vs 16 Lanczos steps (fast);
+* the repair's spectral norm: eigendecomposition (improved mode) vs 16 Lanczos steps from one
+  start vector, the Ritz value alone (before) vs 16 block steps from two, plus the residual (fast);
 * one evaluation of the improved solver's dual (its unit of work, ~1-8 per L-BFGS iteration):
   the matrix form (an ``m x n`` float32 msign) vs the Gram form (``n x n``, float64, and float32,
   which is too inaccurate to use: ``optim/nuclear_dual.py``), with the Gram form's once-per-solve
@@ -36,6 +37,7 @@ from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimat
 from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.optim.precision import float32_matmul_precision
 from manifold_muon.optim.msign import msign, quintic_schedule
+from manifold_muon.optim.norms import top_ritz_pair
 from manifold_muon.optim.nuclear_dual import GramDual, MatrixDual
 
 
@@ -64,7 +66,8 @@ def levers(manifold: str):
         "retraction: polar express 10 (before)": lambda w, g, x: msign(x, dtype=torch.float32),
         "retraction: near-orthogonal (now)": lambda w, g, x: man.retract(x),
         "norm: eigendecomposition": lambda w, g, x: spectral_norm(g),
-        "norm: lanczos 16": lambda w, g, x: spectral_norm_estimate(g),
+        "norm: lanczos 16, 1 start vector, Ritz value (before)": lambda w, g, x: single_vector_ritz_value(g),
+        "norm: block lanczos 16, 2 start vectors, + residual (now)": lambda w, g, x: spectral_norm_estimate(g),
         "dual evaluation: matrix form, fp32 msign": lambda w, g, x: dual_evaluation(man, w, g, "matrix"),
         "dual evaluation: gram form, fp64": lambda w, g, x: dual_evaluation(man, w, g, "gram64"),
         "dual evaluation: gram form, fp32 (inaccurate)": lambda w, g, x: dual_evaluation(man, w, g, "gram32"),
@@ -95,6 +98,12 @@ def dual_evaluation(man, w, g, form):
         _DUALS[key] = (dual, -man.normal_coefficients(wt, gt))
     dual, start = _DUALS[key]
     return dual(start)
+
+
+def single_vector_ritz_value(g):
+    """The estimate before block Lanczos (it computes the Ritz vector too, which it did not use)."""
+    tall = as_tall(g)[0].float()
+    return top_ritz_pair(tall.mT @ tall, steps=16, block=1)[0].sqrt()
 
 
 def fast_step(man, w, g):

@@ -46,8 +46,24 @@ def test_fast_path_times_every_lever(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert set(rows) == {"stiefel", "dgram"}
     for levers in rows.values():
-        assert len(levers) == 17 and all(v["ms"] > 0 for v in levers.values())
+        assert len(levers) == 18 and all(v["ms"] > 0 for v in levers.values())
         assert levers["muon msign: newton-schulz 5, bf16"]["vs_muon"] == 1.0
+
+
+def test_norm_estimate_compares_the_estimates_along_fast_mode_training(tmp_path, data_dir):
+    run_script("norm_estimate.py", "--preset", "tiny-cpu", "--set", "n_layer=1", "--set", f"vocab_size={VOCAB}",
+               "--set", "n_embd=48", "--set", "block_size=16", "--set", "batch_size=2", "--steps", "2", "--every", "1",
+               "--data", str(data_dir), "--out", str(tmp_path), "--tag", "smoke")
+    (path,) = tmp_path.glob("norm_estimate_*_smoke_cpu.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["allocation"] for r in rows} == {"hetero", "all-dgram"}
+    assert {r["shape"] for r in rows if r["allocation"] == "hetero"} == {"stiefel 144x48", "stiefel 48x48", "dgram 192x48"}
+    for r in rows:
+        assert r["matrices"] == (4 if r["shape"].endswith("192x48") else 2)   # 2 steps x the layer's matrices
+        if r["estimate"] == "+ residual":
+            assert r["max_shortfall"] < 1e-3, r
+        else:   # a Ritz value never exceeds the norm, up to float32 rounding
+            assert r["max_overshoot"] < 1e-5, r
 
 
 def test_dgram_scale_shows_the_reference_solver_losing_the_gradient_as_columns_grow(tmp_path):

@@ -7,8 +7,11 @@ from manifold_muon import get_manifold, manifold_direction, msign, solve_directi
 from manifold_muon.optim.dual import alignment
 from conftest import dual_bound, matmul_dtypes, momentum_like, point_on
 
-FAST_NORM_TOL = 5e-3   # fast mode's ||A||_2 <= 1 up to its Lanczos estimate (within 3e-3 on random and
-                       # improved-mode momenta; 6.7e-3 once along a fast-mode trajectory, see the xfail below)
+# Fast mode rescales by an estimate of ||A||_2 that errs upward (spectral_norm_estimate): its
+# ||A||_2 may exceed 1 by the rare shortfall (at most 4.8e-4 seen) and fall below 1 by the
+# overshoot (at most 9.6e-3 seen), along fast-mode training of small GPTs (benchmarks/norm_estimate.py).
+FAST_NORM_TOL = 1e-3
+FAST_NORM_SHORTENING = 1.5e-2
 
 CASES = [(man, shape, seed) for man in ("stiefel", "dgram", "oblique")
          for shape in ((96, 32), (32, 96), (128, 48)) for seed in (0, 1)]
@@ -133,18 +136,18 @@ def test_positive_alignment_and_bad_input_errors():
         manifold_direction(w, g.T, "stiefel")
 
 
-def momenta_after_fast_mode_steps():
-    """(W, next Nesterov G, manifold) of a tiny GPT's constrained matrices after 30 hetero steps
-    taken in fast mode: 3 s on this CPU, where the default solver's steps took 59 s."""
+def momenta_after_fast_mode_steps(d=32, steps=30):
+    """(W, next Nesterov G, manifold) of a tiny GPT's constrained matrices after ``steps`` hetero
+    steps taken in fast mode: 1-3 s on this CPU, where the default solver's 30 took 59 s."""
     from conftest import TinyGPT, markov_batches
     from manifold_muon import ManifoldMuon, resolve
     torch.manual_seed(0)
-    model = TinyGPT(d=32)
+    model = TinyGPT(d=d)
     opt = ManifoldMuon(resolve(model, "hetero"), mode="fast")
-    for i, (x, y) in enumerate(markov_batches(steps=31)):
+    for i, (x, y) in enumerate(markov_batches(steps=steps + 1)):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-        if i < 30:
+        if i < steps:
             opt.step()
     return [(p.detach(), p.grad + 0.95 * (0.95 * opt.state[p]["momentum_buffer"] + p.grad), group["manifold"])
             for group in opt.param_groups if group["manifold"] in ("stiefel", "dgram") for p in group["params"]]
@@ -153,7 +156,7 @@ def momenta_after_fast_mode_steps():
 def test_default_direction_reaches_the_bound_on_real_training_momenta():
     # Training momenta are harder than the random problems: the default solver reaches
     # 0.982-0.999 of the bound on these with 2 threads and 0.987-0.999 with 1 (rounding changes
-    # the L-BFGS path); fast mode 0.83-0.93.  Fast mode's norm bound on them is the xfail below.
+    # the L-BFGS path); fast mode 0.83-0.93.
     checked = 0
     for w, g, manifold in momenta_after_fast_mode_steps():
         if w.shape[0] == w.shape[1]:
@@ -163,9 +166,7 @@ def test_default_direction_reaches_the_bound_on_real_training_momenta():
         bound = dual_bound(w, g, manifold)
         assert (g.double() * a.double()).sum() >= 0.97 * bound
         fast = manifold_direction(w, g, manifold, mode="fast")   # one msign, no dual steps
-        # twice the usual norm tolerance: the xfail below holds these momenta to FAST_NORM_TOL, and
-        # this catches anything worse than its known 6.7e-3 gap
-        check_feasible(w, fast, manifold, norm_tol=2 * FAST_NORM_TOL)
+        check_feasible(w, fast, manifold, norm_tol=FAST_NORM_TOL)
         assert (g.double() * fast.double()).sum() >= 0.8 * bound
         checked += 1
     assert checked == 6
@@ -177,13 +178,13 @@ def test_fast_mode_is_the_improved_warm_start_and_repair_without_steps(man, shap
     g = momentum_like(*shape, seed=2).float()
     carried = solve_direction(w, g, man).dual   # a better start than the warm start: improved would take it
     # With the same msign fast mode is exactly that (fast ignores the carried dual); only the
-    # rescale differs (fast: a Lanczos estimate of the norm).
+    # rescale differs (fast: an estimate of the norm).
     fast = solve_direction(w, g, man, mode="fast", dual_init=carried, dtype=torch.float32, msign_steps=10)
     zero = solve_direction(w, g, man, mode="improved", steps=0, dtype=torch.float32)
     assert fast.steps_taken == 0
     ratio = fast.direction.norm() / zero.direction.norm()
     torch.testing.assert_close(fast.direction, ratio * zero.direction, atol=1e-6, rtol=0)
-    assert abs(ratio - 1) < FAST_NORM_TOL
+    assert 1 - FAST_NORM_SHORTENING < ratio < 1 + FAST_NORM_TOL
     # With a bf16 msign it builds the warm start in bf16 too, as the msign rounds it to bf16 anyway:
     # the alignment moves by rounding only (measured <= 1e-3) and tangency stays float32's.
     default = solve_direction(w, g, man, mode="fast", msign_steps=10)
@@ -194,14 +195,18 @@ def test_fast_mode_is_the_improved_warm_start_and_repair_without_steps(man, shap
     check_feasible(w, default.direction, man, norm_tol=FAST_NORM_TOL)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known: fast mode's 16-step Lanczos norm estimate can fall 6.7e-3 "
-                   "short on a tall Stiefel direction whose singular values cluster; a fix makes this pass")
-def test_fast_mode_keeps_its_norm_bound_along_its_own_trajectory():
-    # The second tall attention matrix came out with ||A||_2 = 1.0067 (torch 2.13, CPU): the
-    # estimate is a lower bound (a Ritz value), and the tangent projection leaves the top singular
-    # values of a near-orthogonal direction clustered, where Lanczos converges slowest.
-    for w, g, manifold in momenta_after_fast_mode_steps():
-        check_feasible(w, manifold_direction(w, g, manifold, mode="fast"), manifold, norm_tol=FAST_NORM_TOL)
+@pytest.mark.parametrize("d,steps", [(32, 30), (128, 60)])
+def test_fast_mode_keeps_its_norm_bound_along_its_own_trajectory(d, steps):
+    # Regression: with one start vector and the Ritz value alone (a lower bound) the estimate
+    # fell short here, ||A||_2 = 1.0067 (d=32, second tall attention matrix) and 1.0017 (d=128),
+    # and by up to 2.2e-2 on width-384 DGram attention.  Training directions leave the top of
+    # the spectrum clustered, where a start vector that barely touches the top eigenvector
+    # converges slowest.
+    for w, g, manifold in momenta_after_fast_mode_steps(d, steps):
+        a = manifold_direction(w, g, manifold, mode="fast")
+        check_feasible(w, a, manifold, norm_tol=FAST_NORM_TOL)
+        # erring upward must stay slight: these directions all had ||A||_2 > 1 before the rescale
+        assert torch.linalg.matrix_norm(a.double(), 2) >= 1 - FAST_NORM_SHORTENING
 
 
 @pytest.mark.parametrize("man,shape", [("stiefel", (96, 32)), ("stiefel", (48, 48)), ("dgram", (96, 32))])
@@ -237,17 +242,23 @@ def test_fast_mode_refuses_dual_steps_with_a_pointer_to_improved_mode():
         solve_direction(w, g, "dgram", mode="fast", steps=4)
 
 
-@pytest.mark.parametrize("man,shape", [("stiefel", (96, 32)), ("stiefel", (48, 48)), ("dgram", (96, 32)),
-                                       ("dgram", (32, 32))])
-def test_lanczos_norm_estimate_is_a_tight_lower_bound(man, shape):
-    from manifold_muon.optim.dual import spectral_norm_estimate
+@pytest.mark.parametrize("man,shape", [("stiefel", (96, 32)), ("stiefel", (48, 48)), ("stiefel", (300, 100)),
+                                       ("dgram", (300, 100))])
+def test_norm_estimate_errs_slightly_upward_and_its_ritz_value_is_a_lower_bound(man, shape):
+    from manifold_muon.optim.norms import spectral_norm_estimate, top_ritz_pair
     w = point_on(man, *shape, seed=6)
     g = momentum_like(*shape, seed=6)
     m = get_manifold(man)
     repaired = m.tangent_project(w, msign(m.tangent_project(w, g), "svd"))   # fast mode's, before the rescale
     exact = torch.linalg.matrix_norm(repaired, 2)
     estimate = spectral_norm_estimate(repaired)
-    assert exact * (1 - FAST_NORM_TOL) <= estimate <= exact * (1 + 1e-12)
+    assert exact * (1 - 1e-12) <= estimate <= exact * (1 + 2e-3)   # measured: exact up to 1.2e-3 above
+    gram = repaired.mT @ repaired
+    value, vector = top_ritz_pair(gram)
+    assert value.sqrt() <= exact * (1 + 1e-12)
+    torch.testing.assert_close(vector.mT @ gram @ vector, value[None, None], rtol=1e-12, atol=0)
+    if min(shape) <= 32:   # two start vectors and 16 steps span the whole space: exact
+        torch.testing.assert_close(estimate, exact, rtol=1e-12, atol=0)
     clustered = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1),
                                             dtype=torch.float64))[0]   # all singular values 1: breakdown
     assert spectral_norm_estimate(3.0 * clustered) == pytest.approx(3.0, abs=1e-12)
