@@ -199,7 +199,7 @@ def test_fast_mode_is_the_improved_warm_start_and_repair_without_steps(man, shap
 def test_fast_mode_keeps_its_norm_bound_along_its_own_trajectory(d, steps):
     # Regression: with one start vector and the Ritz value alone (a lower bound) the estimate
     # fell short here, ||A||_2 = 1.0067 (d=32, second tall attention matrix) and 1.0017 (d=128),
-    # and by up to 2.2e-2 on width-384 DGram attention.  Training directions leave the top of
+    # and by up to 2.5e-2 on a width-384 DGram MLP (benchmarks/norm_estimate.py).  Training leaves the top of
     # the spectrum clustered, where a start vector that barely touches the top eigenvector
     # converges slowest.
     for w, g, manifold in momenta_after_fast_mode_steps(d, steps):

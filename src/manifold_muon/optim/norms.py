@@ -34,8 +34,8 @@ def _lanczos_start(n: int, block: int, dtype: torch.dtype, device: torch.device)
 
 def _orthonormal_columns(v: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """Gram-Schmidt within a block whose columns are already orthogonal to the basis (so any
-    combination of them is too); a column this far below ``floor`` is rounding noise of an
-    invariant Krylov space and becomes zero rather than a normalised noise vector."""
+    combination of them is too).  A column whose norm is below ``floor`` is rounding noise of
+    an invariant Krylov space (e.g. Gram = I) and becomes zero rather than normalised noise."""
     columns = []
     for i in range(v.shape[-1]):
         c = v[..., i:i + 1]
