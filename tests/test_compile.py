@@ -93,3 +93,30 @@ def test_statistics_steps_measure_the_compiled_directions_gap_from_eager(monkeyp
 def test_compile_must_be_a_bool():
     with pytest.raises(ValueError, match="unknown compile 'yes'; valid choices: False, True"):
         ManifoldMuon(_params(), compile="yes")
+
+
+def test_a_compiled_direction_is_one_graph_even_as_the_process_first_use_of_its_constants():
+    """The start block and the bf16 probe are compile-time constants (marked when the library
+    first compiles): unmarked, a process whose first fast step was compiled got 13 graphs instead of one."""
+    from torch._dynamo.utils import counters
+    from manifold_muon.optim import norms, precision
+    norms._lanczos_starts.clear()   # as in a fresh process: nothing made eagerly yet
+    precision._probe_bf16_units.cache_clear()
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    params = _params(seed=2, shape=(40, 24))   # a shape of its own: a new graph, bf16 msign (the default)
+    opt = ManifoldMuon([{"params": params, "manifold": "stiefel", "mode": "fast", "compile": True}])
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        opt.step()
+    assert opt.compile_error is None
+    assert counters["stats"]["unique_graphs"] - graphs == 1 and sum(counters["graph_break"].values()) == breaks
+
+
+def test_importing_the_library_leaves_the_compiler_unloaded():
+    # torch._dynamo took about 2 s of a 4.6 s import here; only compiling should pay it
+    import subprocess
+    import sys
+    code = "import sys, manifold_muon, manifold_muon.cli, manifold_muon.train; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

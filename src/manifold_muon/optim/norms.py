@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .compiling import compile_constant
 from .manifolds import as_tall
 from .msign import work_dtype
 
@@ -21,7 +22,7 @@ def singular_values(a: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 _lanczos_starts: dict[tuple, torch.Tensor] = {}
 
 
-@torch.compiler.assume_constant_result   # a compiled step takes it as a constant, not a generator call
+@compile_constant   # a compiled step takes it as a constant, not a generator call
 def _lanczos_start(n: int, block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Lanczos's start block: ``block`` fixed orthonormal Gaussian columns (``n x block``), the
     same on every device, made once per size (and so no host-to-device copy per call)."""

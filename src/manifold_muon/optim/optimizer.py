@@ -84,6 +84,7 @@ from functools import cache
 import torch
 from torch.optim.adam import adam as _torch_adam
 
+from .compiling import compiled_graphs_limit, mark_compile_constants
 from .distributed import gather_slices, owned_indices, world
 from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
 from .manifolds import get_manifold
@@ -152,15 +153,9 @@ def stack_direction(w, g, manifold, mode: str, msign_method: str, msign_steps, d
     return msign(g, msign_method, msign_steps, dtype=dtype)
 
 
-# Each stack shape, manifold and dtype is a graph of its own; a model has a few of each, and a
-# bench holds every allocation at once, so torch's default of 8 per function is too few.
-# (torch renamed the setting; older releases call it cache_size_limit.)
-_COMPILED_GRAPHS_LIMIT = {("recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
-                           else "cache_size_limit"): 64}
-
-
 @cache
 def _compiled_stack_direction():
+    mark_compile_constants()
     return torch.compile(stack_direction, dynamic=False)   # static shapes: each stack its own kernels
 
 
@@ -351,7 +346,7 @@ class ManifoldMuon(torch.optim.Optimizer):
     def _compiled_direction(self, group, manifold, w, g) -> torch.Tensor:
         args = (w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"], _msign_dtype(group))
         try:
-            with torch._dynamo.config.patch(**_COMPILED_GRAPHS_LIMIT), warnings.catch_warnings():
+            with torch._dynamo.config.patch(**compiled_graphs_limit()), warnings.catch_warnings():
                 # torch's compiler warns about its own internals (torch 2.13): nothing a user can act on
                 warnings.filterwarnings("ignore", message=".*torch._prims_common.check", category=FutureWarning)
                 return _compiled_stack_direction()(*args)

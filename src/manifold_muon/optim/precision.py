@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from .compiling import compile_constant
+
 __all__ = ["MATMUL_PRECISIONS", "float32_matmul_precision", "library_matmul_precision", "matmul_eps",
            "low_precision_compute", "native_bf16_matmul", "rounded_to"]
 
@@ -100,7 +102,7 @@ def matmul_eps(dtype: torch.dtype, device: torch.device) -> float:
     return torch.finfo(dtype).eps
 
 
-@torch.compiler.assume_constant_result   # fixed per process: a compiled step reads it once, when tracing
+@compile_constant   # fixed per process: a compiled step reads it once, when tracing
 def native_bf16_matmul(device_type: str) -> bool:
     """Whether bf16 matmuls on ``device_type`` run on bf16-capable units.  GPUs: yes.  CPUs:
     what oneDNN reports (AVX-512 or Arm's bf16 instructions); elsewhere torch falls back to a

@@ -1,0 +1,49 @@
+"""What the library's torch.compile'd directions need from the compiler, applied only when
+the library first compiles.
+
+A few helpers must be constants to a compiled graph (``torch.compiler.assume_constant_result``):
+a fixed start block made with a seeded generator, a per-process hardware probe.  Marking them
+at import would import ``torch._dynamo``, which took about 2 s of a 4.6 s
+``import manifold_muon`` on this project's 2-core CPU: every ``manifold-muon`` command and
+every training process paid it, compiling or not.  So they are registered here at import and
+marked by :func:`mark_compile_constants`, which the optimizer calls before its first
+``torch.compile`` (the ``compile`` group key).
+"""
+from __future__ import annotations
+
+import sys
+from functools import cache
+from typing import Callable, TypeVar
+
+import torch
+
+__all__ = ["compile_constant", "mark_compile_constants", "compiled_graphs_limit"]
+
+F = TypeVar("F", bound=Callable)
+_registered: list[Callable] = []
+
+
+def compile_constant(fn: F) -> F:
+    """Register ``fn`` (a module-level function whose result is fixed per process and
+    arguments) to be marked ``assume_constant_result`` before the library first compiles."""
+    _registered.append(fn)
+    return fn
+
+
+@cache   # once per process
+def mark_compile_constants() -> None:
+    """Mark every registered function as a compile-time constant."""
+    for fn in _registered:
+        marked = torch.compiler.assume_constant_result(fn)
+        if marked is not fn:  # torch marks the function itself; were a release to wrap it, the wrapper replaces it
+            setattr(sys.modules[fn.__module__], fn.__name__, marked)
+
+
+@cache
+def compiled_graphs_limit() -> dict[str, int]:
+    """Each stack shape, manifold and dtype is a graph of its own; a model has a few of each,
+    and a bench holds every allocation at once, so torch's default of 8 per function is too
+    few.  (torch renamed the setting; older releases call it cache_size_limit.)"""
+    import torch._dynamo   # noqa: F401  -- only here, where the library compiles
+    config = torch._dynamo.config
+    return {("recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"): 64}
