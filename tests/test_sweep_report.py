@@ -19,6 +19,7 @@ from conftest import TinyGPT
 from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
 
 ALLOCS = ["unconstrained", "hetero"]
+JOBS = 2   # runs side by side, a core each: a tiny model's run uses one thread as well as two
 
 
 def overrides(data, **extra):
@@ -35,12 +36,12 @@ def losses(run_dir):
 
 def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):  # noqa: F811
     straight = tmp_path / "straight"
-    run_sweep("tiny-cpu", ALLOCS, [1], straight, overrides=overrides(data_dir), quiet=True)
+    run_sweep("tiny-cpu", ALLOCS, [1], straight, overrides=overrides(data_dir), quiet=True, jobs=JOBS)
     crashy = tmp_path / "crashy"
     with pytest.raises(RuntimeError, match="failed; see their train.log"):  # every run "killed" at iteration 7
-        run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir, fail_at_iter=7), quiet=True)
+        run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir, fail_at_iter=7), quiet=True, jobs=JOBS)
     assert not (crashy / "hetero-s1" / "summary.json").exists()
-    results = run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir), quiet=True)
+    results = run_sweep("tiny-cpu", ALLOCS, [1], crashy, overrides=overrides(data_dir), quiet=True, jobs=JOBS)
     for alloc in ALLOCS:
         assert losses(crashy / f"{alloc}-s1") == losses(straight / f"{alloc}-s1")
     assert {r["allocation"] for r in results} == set(ALLOCS)
@@ -105,7 +106,8 @@ def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  
 
 def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
-    run_sweep("tiny-cpu", ALLOCS, [1, 2], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7"), quiet=True)
+    run_sweep("tiny-cpu", ALLOCS, [1, 2], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7"), quiet=True,
+              jobs=JOBS)
     # a third run that dies early: three consecutive non-finite steps with max_nonfinite=3
     run_sweep("tiny-cpu", ["all-dgram"], [1], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7",
                                                                           max_nonfinite=3), quiet=True)
@@ -146,7 +148,8 @@ def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path)
     with pytest.raises(ValueError, match="either as --modes or as --mode="):
         run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"],
                   overrides=overrides(data_dir, mode="paper"), quiet=True)
-    run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"], overrides=overrides(data_dir), quiet=True)
+    run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"], overrides=overrides(data_dir), quiet=True,
+              jobs=JOBS)
     with pytest.raises(ValueError, match="must share every setting"):  # extending it with other settings
         run_sweep("tiny-cpu", ["all-stiefel"], [1], out, modes=["improved"], overrides=overrides(data_dir, max_iters=20),
                   quiet=True)
@@ -220,7 +223,7 @@ def test_report_errors_are_clear(tmp_path):
 def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, tmp_path):  # noqa: F811
     sweeps = [tmp_path / "lr-low", tmp_path / "lr-high"]
     for sweep, lr in zip(sweeps, (0.02, 0.3)):  # diag_interval differs too, but only logs: not a treatment
-        run_sweep("tiny-cpu", ["unconstrained", "all-dgram"], [1, 2], sweep, quiet=True,
+        run_sweep("tiny-cpu", ["unconstrained", "all-dgram"], [1, 2], sweep, quiet=True, jobs=JOBS,
                   overrides=overrides(data_dir, muon_lr=lr, diag_interval=2 if lr > 0.1 else 4))
     path = build_comparison(sweeps, tmp_path / "cmp")
     settings, labels, rows = compare_rows(sweeps)
