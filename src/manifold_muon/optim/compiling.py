@@ -44,6 +44,5 @@ def compiled_graphs_limit() -> dict[str, int]:
     """Each stack shape, manifold and dtype is a graph of its own; a model has a few of each,
     and a bench holds every allocation at once, so torch's default of 8 per function is too
     few.  (torch renamed the setting; older releases call it cache_size_limit.)"""
-    import torch._dynamo   # noqa: F401  -- only here, where the library compiles
-    config = torch._dynamo.config
+    config = torch._dynamo.config   # torch imports its compiler on this first use
     return {("recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"): 64}
