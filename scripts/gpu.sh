@@ -127,20 +127,22 @@ first_stage() {
     timeout -k 30 "$cap" "$@" || echo "first: stopped or failed: $*"
   }
   local preset=(--preset gpt2-small) levers=(--d 768 --layers 12 --rounds 5) compiled_allocations=hetero
+  local compile_again=(--compile)
   if [ -n "${GPU_DRY:-}" ]; then   # toy sizes, for the tests on a CPU (whose compiler takes ~13 s a graph)
     preset=(--preset tiny-cpu --n_layer=1 --n_embd=32 --n_head=2 --block_size=16 --vocab_size=128 --batch_size=2)
     levers=(--d 16 --layers 1 --rounds 1)
     compiled_allocations=unconstrained
+    compile_again=()   # the first two benches test compiling; the last two would only repeat it (4-5 s each)
   fi
   # In order of what issue 5 needs most; each step gets what is left of FIRST_S
   run_for 240 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes paper,fast --rounds 5 --out "$OUT" --compile
   run_for 150 "$PYTHON" -m manifold_muon bench "${preset[@]}" --allocations "$compiled_allocations" --modes fast \
     --rounds 5 --out "$OUT" --compile --compile_optimizer
   run_for 60 "$PYTHON" benchmarks/fast_path.py "${levers[@]}" --out "$OUT"
-  run_for 90 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes fast --rounds 5 --out "$OUT" --compile \
+  run_for 90 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes fast --rounds 5 --out "$OUT" "${compile_again[@]}" \
     --matmul_precision=high
   run_for 60 "$PYTHON" -m manifold_muon bench "${preset[@]}" --allocations hetero --modes improved --rounds 2 \
-    --out "$OUT/improved" --compile --dual_steps=16
+    --out "$OUT/improved" "${compile_again[@]}" --dual_steps=16
   "$PYTHON" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path

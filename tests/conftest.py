@@ -1,5 +1,10 @@
 """Shared helpers: test matrices, an independent dual-bound certificate, tiny models."""
+import contextlib
+import io
 import math
+import runpy
+import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -185,3 +190,13 @@ def matmul_dtypes(fn):
     with Record() as record:
         out = fn()
     return out, record.dtypes
+
+
+def refusal(script, *args):
+    """Run ``script`` in this process with arguments it must refuse: the message it exits with
+    (a refusal comes before any work, so a subprocess's 3-5 s of imports buys nothing here)."""
+    with pytest.raises(SystemExit) as exited, mock.patch.object(sys, "argv", [str(script), *map(str, args)]), \
+            contextlib.redirect_stderr(io.StringIO()) as stderr:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exited.value.code not in (0, None)
+    return f"{stderr.getvalue()}{exited.value.code}"

@@ -6,6 +6,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from conftest import refusal
 from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +35,9 @@ def test_direction_quality_on_random_token_momenta(tmp_path):
 
 
 def test_direction_quality_refuses_a_malformed_spec(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "direction_quality.py"), "--random-tokens",
-                           "tiny-cpu:hetero", "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode != 0 and "PRESET:ALLOCATION:STEPS" in done.stderr
+    message = refusal(ROOT / "benchmarks" / "direction_quality.py", "--random-tokens", "tiny-cpu:hetero",
+                      "--out", tmp_path)
+    assert "--random-tokens wants PRESET:ALLOCATION:STEPS, got 'tiny-cpu:hetero'" in message
 
 
 def test_fast_path_times_every_lever(tmp_path):
@@ -83,10 +83,8 @@ def test_bf16_emulation_times_both_paths_and_refuses_an_unknown_mode(tmp_path):
     assert isinstance(result["native_bf16_matmul"], bool)
     assert set(result["rows"]) == {"muon", "fast"}
     assert all(row["native_ms"] > 0 and row["emulated_ms"] > 0 for row in result["rows"].values())
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_emulation.py"), "--modes", "slow",
-                           "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode != 0 and "valid choices: muon, fast, paper" in done.stderr
+    message = refusal(ROOT / "benchmarks" / "bf16_emulation.py", "--modes", "slow", "--out", tmp_path)
+    assert "unknown mode(s) ['slow']; valid choices: muon, fast, paper" in message
 
 
 def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
