@@ -1,6 +1,7 @@
 """A sweep resumes after a kill; a report is built from small real runs."""
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -55,9 +56,15 @@ def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):  # no
 
 def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
-    run_sweep("tiny-cpu", ["hetero"], [1], out, overrides=overrides(data_dir), quiet=True)
-    with pytest.raises(RuntimeError, match="failed"):   # an unfinished run beside it, killed at iteration 7
-        run_sweep("tiny-cpu", ["unconstrained"], [1], out, overrides=overrides(data_dir, fail_at_iter=7), quiet=True)
+    # a finished run and, beside it, an unfinished one killed at iteration 7 (two sweeps at once, a core each)
+    with ThreadPoolExecutor(2) as pool:
+        finished = pool.submit(run_sweep, "tiny-cpu", ["hetero"], [1], out, overrides=overrides(data_dir),
+                               quiet=True, jobs=JOBS)
+        killed = pool.submit(run_sweep, "tiny-cpu", ["unconstrained"], [1], out,
+                             overrides=overrides(data_dir, fail_at_iter=7), quiet=True, jobs=JOBS)
+        finished.result()
+        with pytest.raises(RuntimeError, match="failed"):
+            killed.result()
     run = out / "hetero-s1"
     logs = {name: (run / name).read_bytes() for name in PACKED_LOGS if (run / name).is_file()}
     assert set(logs) == set(PACKED_LOGS) - {"spectral_summary.bin"}   # a run summarizes only when asked
@@ -77,9 +84,12 @@ def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  
     # a packed run trained again unpacks first, and resumes as if it had never been packed
     unfinished = out / "unconstrained-s1"
     pack_run(unfinished)
-    run_sweep("tiny-cpu", ["unconstrained"], [1], out, overrides=overrides(data_dir), quiet=True)
     straight = tmp_path / "straight"
-    run_sweep("tiny-cpu", ["unconstrained"], [1], straight, overrides=overrides(data_dir), quiet=True)
+    with ThreadPoolExecutor(2) as pool:
+        sweeps = [pool.submit(run_sweep, "tiny-cpu", ["unconstrained"], [1], folder, overrides=overrides(data_dir),
+                              quiet=True, jobs=JOBS) for folder in (out, straight)]
+        for sweep_done in sweeps:
+            sweep_done.result()
     assert losses(unfinished) == losses(straight / "unconstrained-s1") and not list(unfinished.glob("*.xz"))
     with pytest.raises(FileNotFoundError, match="holds no run directories"):
         pack_finished_runs(tmp_path)

@@ -141,9 +141,14 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(data_dir, 
               "--lr_decay_iters=6", "--eval_interval=3", "--eval_iters=2", "--quiet=true", "--dual_steps=8",
               "--msign_dtype=float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "manifold_muon", "train", *common, "--batch_size=4",
-                    f"--out_dir={single}"], check=True, env=env, timeout=300)
+    single = tmp_path / "single"   # in this process (a subprocess's imports cost ~5 s), on one thread as the ranks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(tiny(data_dir, single, allocation=allocation, max_iters=6, lr_decay_iters=6, eval_interval=3,
+                   msign_dtype="float32"))
+    finally:
+        torch.set_num_threads(threads)
     ddp = tmp_path / "ddp"
     with socket.socket() as sock:  # a free port, so parallel or repeated runs cannot collide
         sock.bind(("127.0.0.1", 0))
