@@ -136,17 +136,16 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(data_dir, 
     # float32: a bf16 msign would turn rounding-level gradient differences into 4e-3 ones).
     # Under hetero the dual solver's line search branches on rounding-level differences in the
     # gradient, so the weights agree only to ~3e-3 after 6 steps; the losses still agree closely.
-    common = ["--preset", "tiny-cpu", "--allocation", allocation, f"--data_dir={data_dir}", f"--vocab_size={VOCAB}",
-              "--n_embd=32", "--n_head=2", "--n_layer=2", "--block_size=16", "--max_iters=6", "--warmup_iters=2",
-              "--lr_decay_iters=6", "--eval_interval=3", "--eval_iters=2", "--quiet=true", "--dual_steps=8",
-              "--msign_dtype=float32"]
+    # one set of settings for both runs; the global batch is 4 sequences in each
+    settings = {"allocation": allocation, "data_dir": data_dir, "vocab_size": VOCAB, "n_embd": 32, "n_head": 2,
+                "n_layer": 2, "block_size": 16, "max_iters": 6, "warmup_iters": 2, "lr_decay_iters": 6,
+                "eval_interval": 3, "eval_iters": 2, "quiet": "true", "dual_steps": 8, "msign_dtype": "float32"}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"   # in this process (a subprocess's imports cost ~5 s), on one thread as the ranks
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(tiny(data_dir, single, allocation=allocation, max_iters=6, lr_decay_iters=6, eval_interval=3,
-                   msign_dtype="float32"))
+        train(make_config("tiny-cpu", {k: str(v) for k, v in {**settings, "batch_size": 4, "out_dir": single}.items()}))
     finally:
         torch.set_num_threads(threads)
     ddp = tmp_path / "ddp"
@@ -154,8 +153,8 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(data_dir, 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    "-m", "manifold_muon", "train", *common, "--batch_size=2", f"--out_dir={ddp}"],
-                   check=True, env=env, timeout=300)
+                    "-m", "manifold_muon", "train", "--preset", "tiny-cpu", *(f"--{k}={v}" for k, v in settings.items()),
+                    "--batch_size=2", f"--out_dir={ddp}"], check=True, env=env, timeout=300)
     assert json.loads((ddp / "env.json").read_text())["world_size"] == 2
     np.testing.assert_allclose(losses(ddp), losses(single), rtol=2e-4)
     a, b = torch.load(single / "ckpt.pt", weights_only=True), torch.load(ddp / "ckpt.pt", weights_only=True)
