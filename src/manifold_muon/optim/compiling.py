@@ -12,7 +12,6 @@ loads ``torch._dynamo`` anyway: ``torch.optim.Optimizer.add_param_group`` does, 
 """
 from __future__ import annotations
 
-import sys
 from functools import cache
 from typing import Callable, TypeVar
 
@@ -33,11 +32,11 @@ def compile_constant(fn: F) -> F:
 
 @cache   # once per process
 def mark_compile_constants() -> None:
-    """Mark every registered function as a compile-time constant."""
+    """Mark every registered function as a compile-time constant.  torch marks the function
+    object in place (2.11 and 2.13 set an attribute and return it), so the modules' names need
+    no rebinding."""
     for fn in _registered:
-        marked = torch.compiler.assume_constant_result(fn)
-        if marked is not fn:  # torch marks the function itself; were a release to wrap it, the wrapper replaces it
-            setattr(sys.modules[fn.__module__], fn.__name__, marked)
+        torch.compiler.assume_constant_result(fn)
 
 
 @cache
