@@ -7,6 +7,9 @@
 #   bash scripts/gpu.sh prepare   -> gpu-carry/ (ignored): the corpus's token files, xz-compressed
 #                                    (39 -> 15 MB), and a tqdm wheel; fails if the tree and the
 #                                    carry together would not fit in 64 MiB
+#   bash scripts/gpu.sh travel-light  -> the committed CPU results leave this checkout's files (a
+#                                    sparse checkout: still tracked, `git status` clean), so that
+#                                    device calls do not send them; `travel-full` brings them back
 # There, with gpu-carry carried, one stage per call:
 #   bash scripts/gpu.sh first                       the session's first call (FIRST_S, default 540 s;
 #                                                   give the call timeout_s=600): issue 5's table at
@@ -109,10 +112,16 @@ direction_quality() {  # args: run directories; default every constrained run wi
     || echo "quality stopped (budget ${QUALITY_S}s)"
 }
 
-tree_and_carry_mib() {  # what a device call sends: tracked and untracked-not-ignored files, and gpu-carry
-  { git ls-files -z -co --exclude-standard; find gpu-carry -type f -print0; } \
+tree_and_carry_mib() {  # what a device call sends: tracked and untracked-not-ignored files present here, and gpu-carry
+  { git ls-files -z -co --exclude-standard; if [ -d gpu-carry ]; then find gpu-carry -type f -print0; fi; } \
     | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {printf "%.1f", s / 1048576}'
 }
+
+# The committed CPU results (about 43 MiB) are of no use on the device, yet tracked files travel.
+# A sparse checkout leaves them out of this checkout's files, while git still tracks them: `git
+# status` stays clean and a commit keeps them.  The GPU's own results (results/gpt2-*) stay, so a
+# sweep skips the runs already committed.
+SPARSE_PATTERNS=('/*' '!/results/*/' '/results/gpt2-*/')
 
 first_stage() {
   local deadline=$((SECONDS + FIRST_S))
@@ -190,9 +199,20 @@ EOF
     size=$(tree_and_carry_mib)
     echo "a device call would send ${size} MiB (tree and gpu-carry; the limit is 64 MiB)"
     if awk -v s="$size" -v l="$LIMIT_MIB" 'BEGIN {exit !(s > l)}'; then
-      echo "too large for the GPU machine: pack finished results (manifold-muon pack --spectral-summary DIR) or carry less" >&2
+      echo "too large for the GPU machine: \`bash scripts/gpu.sh travel-light\` (if not done yet), pack finished" \
+        "results (manifold-muon pack --spectral-summary DIR), or carry less" >&2
       exit 1
     fi
+    ;;
+  travel-light)   # here, before device calls; `travel-full` after them
+    before=$(tree_and_carry_mib)
+    git sparse-checkout set --no-cone "${SPARSE_PATTERNS[@]}"
+    echo "a device call would send $(tree_and_carry_mib) MiB (was ${before}): results/ holds only the GPU's" \
+      "folders (results/gpt2-*) until \`bash scripts/gpu.sh travel-full\`"
+    ;;
+  travel-full)
+    git sparse-checkout disable
+    echo "every committed file is back; a device call would send $(tree_and_carry_mib) MiB"
     ;;
   first)
     setup_device
@@ -233,7 +253,7 @@ EOF
     pack_results
     ;;
   *)
-    echo "usage: bash scripts/gpu.sh prepare | first | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] [--key=value ...] | quality [RUN_DIR ...] | report" >&2
+    echo "usage: bash scripts/gpu.sh prepare | travel-light | travel-full | first | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] [--key=value ...] | quality [RUN_DIR ...] | report" >&2
     exit 2
     ;;
 esac
