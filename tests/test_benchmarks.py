@@ -130,8 +130,8 @@ def test_gpu_sweep_stage_runs_side_by_side_packs_and_measures_quality(data_dir, 
 
 
 def test_gpu_travel_light_leaves_the_cpu_results_out_of_the_checkout_yet_tracked(tmp_path):
-    # A device call sends every tracked file present; the committed CPU results (~43 MiB) must not
-    # crowd out the GPU sweep's, yet no commit made meanwhile may drop them.
+    # A device call sends the tracked files present (our reading of its rule); the committed CPU
+    # results (~43 MiB) must not crowd out the GPU sweep's, yet no commit made meanwhile may drop them.
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
                               capture_output=True, text=True, check=True).stdout
