@@ -15,7 +15,8 @@
 #                                                   give the call timeout_s=600): issue 5's table at
 #                                                   GPT-2 small, 65,536 tokens/step, compiled forward
 #                                                   (paper and fast mode), hetero and Muon again with
-#                                                   compiled directions beside eager ones, the levers
+#                                                   compiled directions beside eager ones (both benches
+#                                                   profile a step of each configuration), the levers
 #                                                   at its shapes, fast mode with TF32, improved mode's
 #                                                   price (hetero, 16 iterations); a summary table last
 #   bash scripts/gpu.sh bench [OVERRIDES]           the bench alone, e.g. --matmul_precision=high
@@ -144,9 +145,11 @@ first_stage() {
     compile_again=()   # the first two benches test compiling; the last two would only repeat it (4-5 s each)
   fi
   # In order of what issue 5 needs most; each step gets what is left of FIRST_S
-  run_for 240 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes paper,fast --rounds 5 --out "$OUT" --compile
+  # --profile: each configuration's costliest kernels, and how busy they keep the GPU (launch-bound or not)
+  run_for 240 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes paper,fast --rounds 5 --out "$OUT" --compile \
+    --profile 8
   run_for 150 "$PYTHON" -m manifold_muon bench "${preset[@]}" --allocations "$compiled_allocations" --modes fast \
-    --rounds 5 --out "$OUT" --compile --compile_optimizer
+    --rounds 5 --out "$OUT" --compile --compile_optimizer --profile 8
   run_for 60 "$PYTHON" benchmarks/fast_path.py "${levers[@]}" --out "$OUT"
   run_for 90 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes fast --rounds 5 --out "$OUT" "${compile_again[@]}" \
     --matmul_precision=high
@@ -165,12 +168,15 @@ for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*
           f"{r.get('optimizer_graphs', 0)} for compiled directions), "
           f"matmuls '{r['matmul_precision']}'" + (f", optimizer compile errors {r['optimizer_compile_errors']}"
                                                    if r.get("optimizer_compile_errors") else "")
-          + (f", CUT SHORT ({r['stopped']}) after {r['rounds']} rounds" if r.get("stopped") else ""))
+          + (f", CUT SHORT ({r['stopped']}) after {r['rounds']} rounds" if r.get("stopped") else "")
+          + (f", cut short after the rounds ({r['extras_stopped']})" if r.get("extras_stopped") else ""))
     for row in r["rows"]:
         align = "-" if row["alignment"] is None else f"{row['alignment']:.3f}"
         ops = "-" if row.get("optimizer_ops") is None else row["optimizer_ops"]
         gap = ("" if row.get("compiled_alignment_gap_max") is None
                else f"  align vs eager {row['compiled_alignment_gap_max']:.1e}")
+        if row.get("device_busy") is not None:   # kernels' time / optimizer wall time (low: launch-bound)
+            gap += f"  GPU busy {row['device_busy']:.0%} ({row['profile']['calls']} kernels)"
         print(f"  {row['config']:36s} opt {row['optimizer_ms']:8.1f} ({ops:>5} ops)  step {row['step_ms']:8.1f}  "
               f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  /fused {row.get('step_ratio_vs_fused_adamw') or 0:6.3f}  "
               f"align {align}{gap}")

@@ -132,3 +132,74 @@ def test_the_bench_command_saves_a_cut_short_table_and_exits_as_timeout_does(mon
     assert stop.value.code == 124
     saved = json.loads(next(tmp_path.glob("bench_*.json")).read_text())
     assert saved["stopped"] and saved["rounds"] == 1 and "cut short" in capsys.readouterr().out   # 2 warm-up rounds
+
+
+def test_a_sigterm_after_the_rounds_keeps_the_timings_and_the_extras_already_measured(monkeypatch):
+    import signal
+    # 5 configurations x 3 synchronisations a step x 2 rounds = 30; then 2 extra steps a
+    # configuration (counted, then statistics): the 56th synchronisation is in the fifth's
+    _sigterm_at_synchronisation(monkeypatch, 56)
+    result = run_bench("tiny-cpu", allocations=["unconstrained"], rounds=1, warmup=1, overrides=TINY, progress=False)
+    assert result["stopped"] is None and result["extras_stopped"] == f"stopped by signal {int(signal.SIGTERM)}"
+    rows = result["rows"]
+    assert result["rounds"] == 1 and len(rows) == 5 and all(r["optimizer_ms"] > 0 for r in rows)
+    assert all(r["optimizer_ops"] > 0 for r in rows[:4]) and rows[3]["config"] == "muon (ours, newton-schulz)"
+    assert rows[3]["alignment"] is not None and rows[4]["optimizer_ops"] is None and rows[4]["alignment"] is None
+    assert "after the rounds: some rows lack counts" in format_bench(result)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_profile_ranks_one_optimizer_step_by_cost():
+    result = run_bench("tiny-cpu", allocations=["hetero"], modes=["fast"], rounds=1, warmup=1, overrides=TINY,
+                       progress=False, profile_top=3)
+    rows = {r["config"]: r for r in result["rows"]}
+    for row in rows.values():
+        profile = row["profile"]
+        assert profile["of"] == "cpu operations" and row["device_busy"] is None   # no kernels on a CPU
+        assert len(profile["top"]) == 3 and profile["total_ms"] > 0
+        costs = [t["ms"] for t in profile["top"]]
+        assert costs == sorted(costs, reverse=True) and costs[0] <= profile["total_ms"]
+    # fast mode's solve runs far more operations than AdamW's update
+    assert rows["hetero [fast]"]["profile"]["calls"] > 10 * rows["adamw"]["profile"]["calls"]
+    assert "profile of one optimizer step" in format_bench(result)
+    import pytest
+    with pytest.raises(ValueError, match="must be 0 .no profile. or more, got -1"):
+        run_bench("tiny-cpu", allocations=["hetero"], rounds=1, profile_top=-1)
+
+
+def test_a_gpu_profile_totals_the_kernels_as_torch_does_and_says_how_busy_they_kept_the_device():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from manifold_muon.bench import summarize_profile
+
+    def event(key, device_type, count, cpu_us, device_us):
+        return SimpleNamespace(key=key, device_type=device_type, count=count, self_cpu_time_total=cpu_us,
+                               self_device_time_total=device_us)
+    # A CPU operation's own device time is that of the kernels it launched: counted once, as kernels
+    events = [event("aten::mm", DeviceType.CPU, 4, 900.0, 1500.0),
+              event("sm90_gemm_bf16", DeviceType.CUDA, 4, 0.0, 1500.0),
+              event("vectorized_elementwise_kernel", DeviceType.CUDA, 30, 0.0, 500.0)]
+    summary = summarize_profile(events, top=1)
+    assert summary == {"of": "device kernels", "calls": 34, "total_ms": 2.0,
+                       "top": [{"name": "sm90_gemm_bf16", "calls": 4, "ms": 1.5}]}
+    assert summarize_profile(events[:1], top=5)["of"] == "cpu operations"
+    row = {"config": "hetero [fast]", "optimizer_ms": 8.0, "profile": summary, "device_busy": 0.25}
+    assert "34 device kernels, 2.00 ms = 25% of its 8.0 ms" in format_bench({
+        "preset": "p", "device": "d", "torch": "t", "tokens_per_step": 1, "rounds": 1,
+        "rows": [{**row, "step_ms": 9.0, "step_ratio_vs_adamw": 1.0, "alignment": None, "violation_max": None}]})
+
+
+def test_a_failing_profiler_costs_its_column_not_the_table(monkeypatch):
+    import torch
+
+    def no_profiler(**kwargs):
+        raise RuntimeError("CUPTI unavailable")
+    monkeypatch.setattr(torch.profiler, "profile", no_profiler)
+    result = run_bench("tiny-cpu", allocations=["hetero"], modes=["fast"], rounds=1, warmup=1, overrides=TINY,
+                       progress=False, profile_top=3)
+    assert all(r["profile"] == {"error": "RuntimeError: CUPTI unavailable"} for r in result["rows"])
+    assert all(r["optimizer_ops"] > 0 and r["device_busy"] is None for r in result["rows"])
+    assert result["rows"][-1]["alignment"] is not None   # the quality step still ran
+    assert "hetero [fast]: the profiler failed (RuntimeError: CUPTI unavailable)" in format_bench(result)

@@ -102,6 +102,9 @@ def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
     assert compiled_optimizer["compiled_optimizer"] and not compiled_optimizer["optimizer_compile_errors"]
     assert compiled_optimizer["compiled_graphs"] == 1 and compiled_optimizer["optimizer_graphs"] == 4
     assert {r["config"] for r in tf32["rows"]} >= {"hetero [fast]", "all-dgram [fast]"}
+    for profiled in (precise, compiled_optimizer):   # the kernels of a GPU, the operations of a CPU
+        assert all(len(r["profile"]["top"]) == 8 for r in profiled["rows"]), profiled["rows"][0]["profile"]
+    assert tf32["rows"][0]["profile"] is None
     summary = done.stdout[done.stdout.index("summary (ms;"):]
     assert "hetero [improved]" in summary and "fast direction + retraction" in summary
     assert "muon (ours, polar express, compiled)" in summary

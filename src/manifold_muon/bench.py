@@ -24,6 +24,13 @@ get a twin whose direction goes through ``torch.compile`` (the ``compile`` group
 the same rounds.  The first steps compile (the warm-up rounds absorb it); the quality columns
 come from a statistics step, which runs eager and the compiled graph beside it: the table ends
 with how far compiling moved the alignment (a miscompiled graph shows there).
+
+With ``profile_top`` (``--profile N``) one more optimizer step of each configuration runs under
+``torch.profiler``: on a GPU its kernels (how many, their summed time, the N costliest), and how
+much of the optimizer's median wall time they fill (``device_busy``: near 1, the step is bound
+by the GPU's work; far below, by launching it, which compiling or fewer, larger kernels
+answer); on a CPU its costliest operations.  A SIGTERM while counting, profiling or measuring
+quality keeps the configurations done so far.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters   # graphs compiled, to tell the forward's from the optimizer's
+from torch.autograd import DeviceType
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
@@ -131,6 +139,29 @@ def _sigterm_stops_the_rounds():
         signal.signal(signal.SIGTERM, previous)
 
 
+def summarize_profile(events, top: int) -> dict:
+    """The profiled events of one step: device kernels (and copies) where there are any, as
+    torch's profiler table totals them, else CPU operations by their own time."""
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    timed, attr, of = ((kernels, "self_device_time_total", "device kernels") if kernels
+                       else (list(events), "self_cpu_time_total", "cpu operations"))
+    ranked = sorted(timed, key=lambda e: getattr(e, attr), reverse=True)
+    return {"of": of, "calls": sum(e.count for e in timed), "total_ms": sum(getattr(e, attr) for e in timed) / 1e3,
+            "top": [{"name": e.key[:160], "calls": e.count, "ms": getattr(e, attr) / 1e3} for e in ranked[:top]]}
+
+
+@contextlib.contextmanager
+def _profiled(device: torch.device, top: int, into: dict):
+    """Profile what runs inside (one optimizer step) and put its summary in ``into``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield
+        synchronize(device)   # every kernel of the step ends inside the trace
+    into.update(summarize_profile(prof.key_averages(), top))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for ``device``'s queued work, so a wall-clock timer measures it (a no-op on CPUs).
     The benchmark scripts time with it too."""
@@ -139,10 +170,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECTION_MODES, rounds: int = 5,
-              warmup: int = 2, overrides: dict[str, str] | None = None, progress: bool = True) -> dict:
+              warmup: int = 2, overrides: dict[str, str] | None = None, progress: bool = True,
+              profile_top: int = 0) -> dict:
     bad = [m for m in modes if m not in DIRECTION_MODES]
     if bad:
         raise ValueError(f"unknown direction mode(s) {bad}; valid choices: {', '.join(DIRECTION_MODES)}")
+    if profile_top < 0:
+        raise ValueError(f"profile_top (--profile) must be 0 (no profile) or more, got {profile_top}")
     cfg = make_config(preset, overrides or {})
     dev = cfg.torch_device()   # --device=cuda:1 picks the GPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -210,20 +244,42 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
             print(f"bench: {stopped}; keeping the {len(setups[0]['fb'])} timed rounds measured", flush=True)
     if cfg.compile and compile_error is None:   # more than the first model's graphs: some recompiled
         graphs = counters["stats"]["unique_graphs"] - graphs_before - optimizer_graphs
+
+    def untimed_extras(s) -> dict:
+        # Untimed steps: one counts the optimizer's operations (a compiled direction runs fused
+        # kernels, not ATen operations, and eager under the counter, so it is not counted), one is
+        # profiled, one collects the quality statistics.
+        counter = None if s["compiled_optimizer"] else _OpCounter()
+        one_step(s, timed=False, around_optimizer=counter)
+        profile = {}
+        if profile_top:
+            try:
+                one_step(s, timed=False, around_optimizer=_profiled(dev, profile_top, profile))
+            except _Stopped:
+                raise
+            except Exception as e:  # noqa: BLE001 -- a failing profiler (no CUPTI, say) costs its column, not the table
+                profile = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        s["opt"].collect_stats = True
+        one_step(s, timed=False)
+        return {"ops": counter.count if counter else None, "health": summarize_health(s["opt"].stats),
+                "profile": profile or None}
+
+    extras, extras_stopped = {}, None
+    if not stopped:
+        with _sigterm_stops_the_rounds():
+            try:
+                for s in (s for s in setups if s["opt_ms"]):
+                    extras[s["label"]] = untimed_extras(s)
+            except _Stopped as e:   # keep the timings, and the extras of the configurations done
+                extras_stopped = str(e)
+                print(f"bench: {extras_stopped} after the extras of {len(extras)} configurations", flush=True)
     rows = []
     base_rounds = [f + o for f, o in zip(setups[0]["fb"], setups[0]["opt_ms"])]
     fused = next(s for s in setups if s["alloc"] == "torch-adamw-fused")   # the ratios against it too
     fused_rounds = [f + o for f, o in zip(fused["fb"], fused["opt_ms"])]
     for s in (s for s in setups if s["opt_ms"]):
-        counter, health = None, {}
-        if not stopped:
-            # One more step, untimed, to count the optimizer's operations.  A compiled direction runs
-            # fused kernels, not ATen operations (and eager under the counter), so it is not counted.
-            counter = None if s["compiled_optimizer"] else _OpCounter()
-            one_step(s, timed=False, around_optimizer=counter)
-            s["opt"].collect_stats = True
-            one_step(s, timed=False)
-            health = summarize_health(s["opt"].stats)
+        extra = extras.get(s["label"], {})
+        health, profile = extra.get("health", {}), extra.get("profile")
         managed = [h for h in health.values() if h["manifold"] != "none"]
         step = [f + o for f, o in zip(s["fb"], s["opt_ms"])]
         rows.append({"config": s["label"], "optimizer_ms": statistics.median(s["opt_ms"]),
@@ -231,7 +287,10 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
                      "step_ratio_vs_adamw": statistics.median(a / b for a, b in zip(step, base_rounds)),
                      "step_ratio_vs_fused_adamw": (statistics.median(a / b for a, b in zip(step, fused_rounds))
                                                    if fused_rounds else None),
-                     "optimizer_ops": counter.count if counter else None,
+                     "optimizer_ops": extra.get("ops"),
+                     "profile": profile,
+                     "device_busy": (profile["total_ms"] / statistics.median(s["opt_ms"])
+                                     if profile and profile.get("of") == "device kernels" else None),
                      "alignment": statistics.mean(h["alignment_mean"] for h in health.values()) if health else None,
                      "violation_max": max((h["violation_end_max"] for h in managed), default=None),
                      "compiled_alignment_gap_max": max((h["compiled_alignment_gap_max"] for h in health.values()
@@ -241,7 +300,7 @@ def run_bench(preset: str = "tiny-cpu", *, allocations=ALLOCATIONS, modes=DIRECT
                                           "violation_max": h["violation_end_max"]} for group, h in health.items()}})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     return {"date": time.strftime("%Y-%m-%d"), "device": name, "device_type": dev.type, "torch": torch.__version__,
-            "preset": preset, "overrides": dict(overrides or {}), "stopped": stopped,
+            "preset": preset, "overrides": dict(overrides or {}), "stopped": stopped, "extras_stopped": extras_stopped,
             "compiled": cfg.compile and compile_error is None, "compile_error": compile_error,
             "compiled_graphs": graphs, "compiled_optimizer": cfg.compile_optimizer,
             "optimizer_graphs": optimizer_graphs,
@@ -258,6 +317,8 @@ def format_bench(result: dict) -> str:
             f"median of {result['rounds']} interleaved rounds\n")
     if result.get("stopped"):
         head += f"cut short ({result['stopped']}): no operation counts or quality columns\n"
+    elif result.get("extras_stopped"):
+        head += f"cut short ({result['extras_stopped']}) after the rounds: some rows lack counts, profile and quality\n"
     cols = (f"{'config':36s} {'opt ms':>9s} {'opt ops':>8s} {'step ms':>9s} {'step/adamw':>11s} {'/fused':>7s} "
             f"{'align':>7s} {'viol max':>9s}\n")
     body = ""
@@ -282,7 +343,21 @@ def format_bench(result: dict) -> str:
                    if r.get("compiled_alignment_gap_max") is not None)
     if gaps:  # rounding moves it by about 1e-3 or less; a miscompiled graph, by tenths
         gaps = "\ncompiled direction against eager, largest change of alignment over matrices:\n" + gaps
-    return head + cols + body + groups + gaps
+    return head + cols + body + groups + gaps + _format_profiles(result["rows"])
+
+
+def _format_profiles(rows, shown: int = 5) -> str:
+    text = ""
+    for r in (r for r in rows if r.get("profile")):
+        p = r["profile"]
+        if "error" in p:
+            text += f"  {r['config']}: the profiler failed ({p['error']})\n"
+            continue
+        busy = f" = {r['device_busy']:.0%} of its {r['optimizer_ms']:.1f} ms" if r.get("device_busy") is not None else ""
+        text += f"  {r['config']}: {p['calls']} {p['of']}, {p['total_ms']:.2f} ms{busy}\n"
+        text += "".join(f"    {t['ms']:9.3f} ms {t['calls']:6d}x  {t['name'][:100]}\n" for t in p["top"][:shown])
+    # device busy: the kernels' summed time against the step's wall time (low: launch-bound)
+    return "\nprofile of one optimizer step (costliest first):\n" + text if text else ""
 
 
 def write_result(result: dict, out_dir, name: str) -> Path:

@@ -125,7 +125,7 @@ def _pack(args) -> None:
 def _bench(args, extra) -> None:
     from .bench import format_bench, run_bench, save_bench
     result = run_bench(args.preset, allocations=_csv(args.allocations), modes=_csv(args.modes), rounds=args.rounds,
-                       overrides=_split_overrides(extra))
+                       overrides=_split_overrides(extra), profile_top=args.profile)
     path = save_bench(result, args.out)
     print(format_bench(result))
     print(f"saved: {path}")
@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", default="paper,fast,improved",
                    help="Manifold Muon solver modes to time per allocation (improved is slow at GPT-2 scale)")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds after 2 warm-up rounds (default 5)")
+    b.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one more optimizer step of each configuration (torch.profiler) and keep its N "
+                        "costliest kernels on a GPU, with how much of the step's wall time the kernels fill "
+                        "(low: launch-bound), or operations on a CPU (default 0: no profile)")
     b.add_argument("--out", default="benchmarks/results", help="where the JSON goes")
     k = sub.add_parser("pack", help="xz-compress finished runs' bulky logs in place (for committing results)",
                        description="Compress spectral.bin (or its summary), metrics.jsonl and diagnostics.jsonl of every finished "
