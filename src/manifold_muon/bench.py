@@ -347,6 +347,8 @@ def format_bench(result: dict) -> str:
 
 
 def _format_profiles(rows, shown: int = 5) -> str:
+    """Each profiled configuration's total and costliest entries; on a GPU, with how much of the
+    optimizer's wall time its kernels fill (low: launch-bound)."""
     text = ""
     for r in (r for r in rows if r.get("profile")):
         p = r["profile"]
@@ -356,7 +358,6 @@ def _format_profiles(rows, shown: int = 5) -> str:
         busy = f" = {r['device_busy']:.0%} of its {r['optimizer_ms']:.1f} ms" if r.get("device_busy") is not None else ""
         text += f"  {r['config']}: {p['calls']} {p['of']}, {p['total_ms']:.2f} ms{busy}\n"
         text += "".join(f"    {t['ms']:9.3f} ms {t['calls']:6d}x  {t['name'][:100]}\n" for t in p["top"][:shown])
-    # device busy: the kernels' summed time against the step's wall time (low: launch-bound)
     return "\nprofile of one optimizer step (costliest first):\n" + text if text else ""
 
 
