@@ -173,13 +173,13 @@ for path in sorted(out.glob("bench_*.json")) + sorted(out.glob("improved/bench_*
     for row in r["rows"]:
         align = "-" if row["alignment"] is None else f"{row['alignment']:.3f}"
         ops = "-" if row.get("optimizer_ops") is None else row["optimizer_ops"]
-        gap = ("" if row.get("compiled_alignment_gap_max") is None
-               else f"  align vs eager {row['compiled_alignment_gap_max']:.1e}")
+        notes = ("" if row.get("compiled_alignment_gap_max") is None
+                 else f"  align vs eager {row['compiled_alignment_gap_max']:.1e}")
         if row.get("device_busy") is not None:   # kernels' time / optimizer wall time (low: launch-bound)
-            gap += f"  GPU busy {row['device_busy']:.0%} ({row['profile']['calls']} kernels)"
+            notes += f"  GPU busy {row['device_busy']:.0%} ({row['profile']['calls']} kernels)"
         print(f"  {row['config']:36s} opt {row['optimizer_ms']:8.1f} ({ops:>5} ops)  step {row['step_ms']:8.1f}  "
               f"step/adamw {row['step_ratio_vs_adamw']:6.3f}  /fused {row.get('step_ratio_vs_fused_adamw') or 0:6.3f}  "
-              f"align {align}{gap}")
+              f"align {align}{notes}")
 for path in sorted(out.glob("fast_path_*.json")):
     r = json.loads(path.read_text())
     for manifold, rows in r["rows"].items():
