@@ -232,15 +232,15 @@ def test_report_errors_are_clear(tmp_path):
 
 def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, tmp_path):  # noqa: F811
     sweeps = [tmp_path / "lr-low", tmp_path / "lr-high"]
-    for sweep, lr in zip(sweeps, (0.02, 0.3)):  # diag_interval differs too, but only logs: not a treatment
-        run_sweep("tiny-cpu", ["unconstrained", "all-dgram"], [1, 2], sweep, quiet=True, jobs=JOBS,
+    for folder, lr in zip(sweeps, (0.02, 0.3)):  # diag_interval differs too, but only logs: not a treatment
+        run_sweep("tiny-cpu", ["unconstrained", "all-dgram"], [1, 2], folder, quiet=True, jobs=JOBS,
                   overrides=overrides(data_dir, muon_lr=lr, diag_interval=2 if lr > 0.1 else 4))
     path = build_comparison(sweeps, tmp_path / "cmp")
     settings, labels, rows = compare_rows(sweeps)
     assert settings == ["muon_lr"] and labels == ["muon_lr=0.02", "muon_lr=0.3"]
     dgram = next(r for r in rows if r["allocation"] == "all-dgram")
-    for sweep, entry in zip(sweeps, dgram["sweeps"]):
-        runs = [sweep / f"all-dgram-s{s}" for s in (1, 2)]
+    for folder, entry in zip(sweeps, dgram["sweeps"]):
+        runs = [folder / f"all-dgram-s{s}" for s in (1, 2)]
         finals = [json.loads((run / "summary.json").read_text())["final_val_loss"] for run in runs]
         assert entry["final_val_loss"] == pytest.approx(np.mean(finals)) and entry["seeds"] == 2
         assert entry["final_val_std"] == pytest.approx(np.std(finals, ddof=1))
