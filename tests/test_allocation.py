@@ -1,5 +1,6 @@
 """Rules and presets: first match wins, every parameter exactly once, loud errors."""
 import json
+import re
 
 import pytest
 import torch
@@ -190,6 +191,96 @@ def test_hf_gpt2_conv1d_is_oriented_explicitly():
         o.step()
     assert get_manifold("dgram").residual(w.mT) < 1e-5
     assert "(in,out)" in format_allocation(groups)
+
+
+# Parameter names (layer numbers as N) of tiny models: torch 2.13's nn.Transformer, timm 1.0.31's
+# ViT (read from its source) and transformers 5.24.0's models, as their constructors name them.
+# Each: (attention's matrices, the MLP's, other matrices the presets leave to AdamW).
+RECORDED_NAMES = {
+    "torch nn.Transformer": (
+        ["encoder.layers.N.self_attn.in_proj_weight", "encoder.layers.N.self_attn.out_proj.weight",
+         "decoder.layers.N.multihead_attn.in_proj_weight", "decoder.layers.N.multihead_attn.out_proj.weight",
+         "self_attn.q_proj_weight", "self_attn.k_proj_weight", "self_attn.v_proj_weight"],
+        ["encoder.layers.N.linear1.weight", "decoder.layers.N.linear2.weight", "linear1.weight"], []),
+    "timm ViT": (["blocks.N.attn.qkv.weight", "blocks.N.attn.proj.weight", "blocks.N.attn.q_proj.weight"],
+                 ["blocks.N.mlp.fc1.weight", "blocks.N.mlp.fc2.weight"], ["patch_embed.proj.weight", "head.weight"]),
+    "gpt2": (["h.N.attn.c_attn.weight", "h.N.attn.c_proj.weight"], ["h.N.mlp.c_fc.weight", "h.N.mlp.c_proj.weight"],
+             ["wpe.weight", "wte.weight"]),
+    "llama": (["layers.N.self_attn.q_proj.weight", "layers.N.self_attn.k_proj.weight",
+               "layers.N.self_attn.v_proj.weight", "layers.N.self_attn.o_proj.weight"],
+              ["layers.N.mlp.gate_proj.weight", "layers.N.mlp.up_proj.weight", "layers.N.mlp.down_proj.weight"],
+              ["embed_tokens.weight"]),
+    "bert": (["encoder.layer.N.attention.self.query.weight", "encoder.layer.N.attention.self.key.weight",
+              "encoder.layer.N.attention.self.value.weight", "encoder.layer.N.attention.output.dense.weight"],
+             ["encoder.layer.N.intermediate.dense.weight", "encoder.layer.N.output.dense.weight"],
+             ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+              "embeddings.token_type_embeddings.weight", "pooler.dense.weight"]),
+    "gpt_neox": (["layers.N.attention.query_key_value.weight", "layers.N.attention.dense.weight"],
+                 ["layers.N.mlp.dense_h_to_4h.weight", "layers.N.mlp.dense_4h_to_h.weight"], ["embed_in.weight"]),
+    "falcon": (["h.N.self_attention.query_key_value.weight", "h.N.self_attention.dense.weight"],
+               ["h.N.mlp.dense_h_to_4h.weight", "h.N.mlp.dense_4h_to_h.weight"], ["word_embeddings.weight"]),
+    "phi": (["layers.N.self_attn.q_proj.weight", "layers.N.self_attn.dense.weight"],
+            ["layers.N.mlp.fc1.weight", "layers.N.mlp.fc2.weight"], ["embed_tokens.weight"]),
+    "opt": (["decoder.layers.N.self_attn.q_proj.weight", "decoder.layers.N.self_attn.out_proj.weight"],
+            ["decoder.layers.N.fc1.weight", "decoder.layers.N.fc2.weight"],
+            ["decoder.embed_positions.weight", "decoder.embed_tokens.weight"]),
+    "whisper": (["decoder.layers.N.encoder_attn.k_proj.weight", "encoder.layers.N.self_attn.out_proj.weight"],
+                ["encoder.layers.N.fc1.weight", "decoder.layers.N.fc2.weight"],
+                ["encoder.conv1.weight", "decoder.embed_positions.weight", "decoder.embed_tokens.weight"]),
+    "t5": (["encoder.block.N.layer.N.SelfAttention.q.weight", "decoder.block.N.layer.N.EncDecAttention.o.weight"],
+           ["encoder.block.N.layer.N.DenseReluDense.wi.weight", "decoder.block.N.layer.N.DenseReluDense.wi_0.weight",
+            "decoder.block.N.layer.N.DenseReluDense.wi_1.weight", "encoder.block.N.layer.N.DenseReluDense.wo.weight"],
+           ["encoder.block.N.layer.N.SelfAttention.relative_attention_bias.weight", "shared.weight"]),
+    "vit": (["layers.N.attention.q_proj.weight", "layers.N.attention.o_proj.weight"],
+            ["layers.N.mlp.fc1.weight", "layers.N.mlp.fc2.weight"],
+            ["embeddings.patch_embeddings.projection.weight", "pooler.dense.weight"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(RECORDED_NAMES))
+def test_presets_find_attention_and_mlp_in_each_naming_convention(family):
+    from manifold_muon.diagnostics import module_group
+    attention, mlp, other = RECORDED_NAMES[family]
+    for names, group in ((attention, "attention"), (mlp, "mlp"), (other, "other")):
+        for name in names:
+            assert module_group(name.replace(".N.", ".0.")) == group, name
+
+
+def test_presets_run_on_a_stock_torch_transformer():
+    torch.manual_seed(0)
+    model = torch.nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                                 batch_first=True)
+    groups = resolve(model, "hetero")   # no embedding: the 2D catch-all catches nothing, and may
+    named = by_name(groups)
+    on = {n: named[n]["manifold"] for n, p in model.named_parameters() if p.ndim == 2}
+    assert {m for n, m in on.items() if "attn" in n} == {"stiefel"}
+    assert {m for n, m in on.items() if "linear" in n} == {"dgram"}
+    assert len(on) == 10   # encoder: 2 attention + 2 MLP; decoder: 4 attention + 2 MLP
+    opt = ManifoldMuon(groups)
+    x = torch.randn(2, 5, 16)
+    model(x, x).pow(2).mean().backward()
+    opt.step()
+    w = named["decoder.layers.0.multihead_attn.in_proj_weight"]["params"][0]
+    assert get_manifold("stiefel").residual(w.detach()) < 1e-5
+
+
+def test_a_preset_that_finds_no_attention_names_the_conventions_it_knows():
+    mlp_only = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"Rule\(ATTENTION, 'muon', 'stiefel'.*HF BERT.*"
+                                         r"torch.nn.Transformer layers.*write Rules"):
+        resolve(mlp_only, "hetero")
+
+
+def test_recorded_names_match_the_installed_transformers():
+    transformers = pytest.importorskip("transformers")
+    small = dict(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32, vocab_size=50)
+    built = {"llama": transformers.LlamaModel(transformers.LlamaConfig(**small, num_key_value_heads=2)),
+             "bert": transformers.BertModel(transformers.BertConfig(**small)),
+             "gpt_neox": transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**small))}
+    for family, model in built.items():
+        names = {re.sub(r"\.\d+\.", ".N.", n) for n, p in model.named_parameters() if p.ndim == 2}
+        attention, mlp, other = RECORDED_NAMES[family]
+        assert names == set(attention + mlp + other), family
 
 
 def test_first_match_wins():

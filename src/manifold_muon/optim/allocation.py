@@ -4,9 +4,9 @@ A preset is data: a tuple of :class:`Rule`.  ``resolve(model, preset_or_rules)``
 walks ``model.named_parameters()`` (tied parameters appear once; frozen ones are
 skipped) and gives each parameter to the *first* rule whose regex matches its
 qualified name (``re.search``) and whose ``ndim`` filter, if any, fits.  Every
-trainable parameter must be claimed exactly once, and every rule must claim at
-least one parameter: both are errors otherwise, because a silent mismatch means
-the experiment is not the one you think.
+trainable parameter must be claimed exactly once, and every rule but a catch-all
+(pattern ``"."``) must claim at least one parameter: both are errors otherwise,
+because a silent mismatch means the experiment is not the one you think.
 
 Orientation: our math reads a weight as ``nn.Linear`` stores it, ``(out, in)``.
 Hugging Face GPT-2's ``Conv1D`` stores ``(in, out)``; ``resolve`` detects it and
@@ -26,12 +26,35 @@ from .manifolds import get_manifold
 from .optimizer import ALGORITHMS, DEFAULTS, effective
 
 __all__ = ["Rule", "PRESETS", "resolve", "get_preset", "format_allocation", "allocation_records",
-           "ATTENTION", "MLP"]
+           "ATTENTION", "MLP", "NAMING_CONVENTIONS"]
 
-#: attention projections: nanoGPT / HF GPT-2 (c_attn, c_proj) and Llama (q/k/v/o_proj)
-ATTENTION = r"(attn\.(c_attn|c_proj)|self_attn\.(q_proj|k_proj|v_proj|o_proj))\.weight$"
-#: MLP / FFN projections: GPT-2 (c_fc, c_proj) and Llama SwiGLU (gate/up/down_proj)
-MLP = r"mlp\.(c_fc|c_proj|gate_proj|up_proj|down_proj)\.weight$"
+#: Where attention's and the MLP's matrices sit, by parameter name, per naming convention:
+#: (attention pattern, MLP pattern).  Read off the parameter names of tiny models built with
+#: torch 2.13, transformers 5.24.0 and timm 1.0.31's source (tests/test_allocation.py keeps
+#: them).  A model named otherwise needs its own Rules.
+NAMING_CONVENTIONS = {
+    "nanoGPT, HF GPT-2": (r"attn\.(c_attn|c_proj)\.weight$", r"mlp\.(c_fc|c_proj)\.weight$"),
+    "HF Llama, Mistral, Qwen2, Gemma": (r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$",
+                                        r"mlp\.(gate_proj|up_proj|down_proj)\.weight$"),
+    "HF OPT, BART, Whisper": (r"(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)\.weight$",
+                              r"layers\.\d+\.(fc1|fc2)\.weight$"),
+    "HF Phi": (r"self_attn\.(q_proj|k_proj|v_proj|dense)\.weight$", r"mlp\.(fc1|fc2)\.weight$"),
+    "HF ViT": (r"attention\.(q_proj|k_proj|v_proj|o_proj)\.weight$", r"mlp\.(fc1|fc2)\.weight$"),
+    "HF GPT-NeoX (Pythia), Falcon": (r"(attention|self_attention)\.(query_key_value|dense)\.weight$",
+                                     r"mlp\.(dense_h_to_4h|dense_4h_to_h)\.weight$"),
+    "HF BERT, RoBERTa": (r"attention\.(self\.(query|key|value)|output\.dense)\.weight$",
+                         r"layer\.\d+\.(intermediate|output)\.dense\.weight$"),
+    "HF T5": (r"(SelfAttention|EncDecAttention)\.[qkvo]\.weight$", r"DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$"),
+    # nn.TransformerEncoderLayer / DecoderLayer: nn.MultiheadAttention under the names those
+    # layers give it (a MultiheadAttention named otherwise needs a Rule), linear1 and linear2.
+    "torch.nn.Transformer layers": (r"(self_attn|multihead_attn)\.(in_proj_weight|[qkv]_proj_weight|out_proj\.weight)$",
+                                    r"(^|\.)linear[12]\.weight$"),
+    "timm ViT, Swin": (r"attn\.(qkv|q_proj|k_proj|v_proj|proj)\.weight$", r"mlp\.(fc1|fc2)\.weight$"),
+}
+#: attention's projections in any of the conventions above
+ATTENTION = "|".join(f"({attention})" for attention, _ in NAMING_CONVENTIONS.values())
+#: the MLP's (feed-forward) projections in any of the conventions above
+MLP = "|".join(f"({mlp})" for _, mlp in NAMING_CONVENTIONS.values())
 ANY = r"."
 
 # The paper's hyperparameters (reference code defaults, DESIGN.md section 4).
@@ -73,7 +96,11 @@ class Rule:
     def describe(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.overrides)
         nd = f", ndim={self.ndim}" if self.ndim is not None else ""
-        return f"Rule({self.pattern!r}, {self.algorithm!r}, {self.manifold!r}{nd}{extra})"
+        pattern = _PATTERN_NAMES.get(self.pattern, repr(self.pattern))   # ATTENTION, not its 560 characters
+        return f"Rule({pattern}, {self.algorithm!r}, {self.manifold!r}{nd}{extra})"
+
+
+_PATTERN_NAMES = {ATTENTION: "ATTENTION", MLP: "MLP"}
 
 
 def _muon(pattern, manifold, weight_decay=None):
@@ -203,11 +230,17 @@ def resolve(model: torch.nn.Module, preset_or_rules, **overrides) -> list[dict]:
     if unclaimed:
         raise ValueError(f"no rule claims parameter(s) {unclaimed[:8]}{' ...' if len(unclaimed) > 8 else ''}; "
                          "add a catch-all rule such as Rule('.', 'adamw')")
-    idle = [rules[i].describe() for i, n in enumerate(claimed) if n == 0]
+    # A catch-all left with nothing to catch is no mismatch (an encoder has no embeddings).
+    idle = [rules[i] for i, n in enumerate(claimed) if n == 0 and rules[i].pattern != ANY]
     if idle:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        raise ValueError(f"rule(s) {idle} match no parameter (or only ones an earlier rule claimed); "
-                         f"valid names include: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+        known = ""
+        if any(r.pattern in _PATTERN_NAMES for r in idle):
+            known = (f"; ATTENTION and MLP know the names of {'; '.join(NAMING_CONVENTIONS)}: for a model "
+                     "named otherwise, write Rules with its names")
+        raise ValueError(f"rule(s) {[r.describe() for r in idle]} match no parameter (or only ones an earlier "
+                         f"rule claimed); valid names include: {', '.join(names[:12])}"
+                         f"{' ...' if len(names) > 12 else ''}{known}")
     return [groups[k] for k in sorted(groups)]
 
 
