@@ -1,7 +1,9 @@
 """Train a small stock ``nn.TransformerEncoder`` LM with the paper's five allocations.
 
-The model is PyTorch's own (names ``self_attn.in_proj_weight``, ``linear1`` ...), so the
-allocations are written as custom rules: this is how you use manifold-muon on your model.
+The model is PyTorch's own (names ``self_attn.in_proj_weight``, ``linear1`` ...).  The presets
+know those names (``resolve(model, "hetero")`` works here); the allocations are written out as
+rules instead, with a larger AdamW rate for this toy task, to show how you would write them for
+a model whose names the presets do not know.
 The task is a synthetic Markov chain (learnable; loss must fall), which takes seconds on
 a CPU.  It shows the optimizer working and keeping each weight on its manifold; it cannot
 show the paper's findings, which need a real corpus and many thousands of steps.
