@@ -22,8 +22,10 @@ def test_all_fourteen_presets_exist():
 
 
 @pytest.mark.parametrize("preset", PAPER + SEED_PLAN)
-def test_presets_claim_every_trainable_parameter_exactly_once_on_gpt_and_llama(preset):
-    for model in (TinyGPT(), TinyLlama()):
+def test_presets_claim_every_trainable_parameter_exactly_once_on_gpt_llama_and_torch_transformer(preset):
+    stock = torch.nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                                 batch_first=True)
+    for model in (TinyGPT(), TinyLlama(), stock):
         groups = resolve(model, preset)
         names = [n for g in groups for n in g["names"]]
         assert sorted(names) == sorted(n for n, _ in model.named_parameters())
