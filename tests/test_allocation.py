@@ -297,7 +297,7 @@ def test_errors_name_the_valid_choices():
     model = TinyGPT()
     with pytest.raises(ValueError, match="valid names include: transformer.wte.weight"):
         resolve(model, [Rule(r"q_proj", "muon", "stiefel"), Rule(".", "adamw")])
-    with pytest.raises(ValueError, match="manifolds need 2D weights. Valid manifolds for it: 'none'"):
+    with pytest.raises(ValueError, match=r"manifolds need matrices \(2D, or conv filters\). Valid manifolds for it: 'none'"):
         resolve(model, [Rule(r"ln_", "adamw", "stiefel"), Rule(".", "adamw")])
     with pytest.raises(ValueError, match="valid choices: none, stiefel, dgram"):
         Rule(".", "muon", "hyperbolic")

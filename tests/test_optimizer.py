@@ -78,6 +78,35 @@ def test_manifold_groups_start_and_stay_on_their_manifold(algorithm, manifold):
     assert all(man.residual(x.detach()) < 1e-5 for x in p)
 
 
+@pytest.mark.parametrize("manifold", ["none", "stiefel", "dgram"])
+def test_conv_filters_step_as_their_flattened_matrix(manifold):
+    # A conv weight (out, in, kh, kw) is the matrix (out, in*kh*kw): its step must be the step of
+    # that matrix held as a 2D parameter (two of the same shape, so they are also batched).
+    filters = clone_params([(6, 2, 3, 3), (6, 2, 3, 3)])
+    matrices = [torch.nn.Parameter(f.detach().reshape(6, 18).clone()) for f in filters]
+    opts = [ManifoldMuon([{"params": ps, "algorithm": "muon", "manifold": manifold, "mode": "fast", "lr": 0.05}])
+            for ps in (filters, matrices)]
+    for step in range(3):
+        set_grads(filters, step)
+        for f, m in zip(filters, matrices):
+            m.grad = f.grad.reshape(6, 18).clone()
+        for opt in opts:
+            opt.step()
+    for f, m in zip(filters, matrices):
+        assert f.shape == (6, 2, 3, 3)
+        torch.testing.assert_close(f.detach().reshape(6, 18), m.detach(), rtol=0, atol=1e-6)
+        assert get_manifold(manifold).residual(f.detach().reshape(6, 18)) < 1e-5
+    assert not torch.equal(filters[0].detach(), clone_params([(6, 2, 3, 3)])[0])   # they moved
+
+
+def test_a_channels_last_conv_weight_is_refused_not_silently_left_unchanged():
+    conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    opt = ManifoldMuon([{"params": [conv.weight], "algorithm": "muon"}])
+    conv(torch.randn(1, 4, 6, 6)).sum().backward()
+    with pytest.raises(ValueError, match="must be contiguous to be read as a matrix"):
+        opt.step()
+
+
 def test_step_never_writes_gradients_and_closure_returns_loss():
     model = TinyGPT()
     opt = ManifoldMuon(resolve(model, "hetero"))
@@ -168,7 +197,7 @@ def test_bad_groups_name_the_valid_choices():
         ManifoldMuon([{"params": p[:1], "algorithm": "sgd"}])
     with pytest.raises(ValueError, match="valid choices: none, stiefel"):
         ManifoldMuon([{"params": p[:1], "manifold": "sphere"}])
-    with pytest.raises(ValueError, match="needs 2D"):
+    with pytest.raises(ValueError, match=r"needs matrices \(2D, or conv filters"):
         ManifoldMuon([{"params": p[1:], "algorithm": "muon"}])
     with pytest.raises(TypeError, match="unknown ManifoldMuon option"):
         ManifoldMuon(p[:1], learning_rate=0.1)

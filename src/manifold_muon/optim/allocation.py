@@ -217,9 +217,10 @@ def resolve(model: torch.nn.Module, preset_or_rules, **overrides) -> list[dict]:
             unclaimed.append(name)
             continue
         rule = rules[index]
-        if rule.manifold != "none" and param.ndim != 2:
+        if rule.manifold != "none" and param.ndim < 2:
             raise ValueError(f"rule {rule.describe()} puts manifold {rule.manifold!r} on {name!r} of shape "
-                             f"{tuple(param.shape)}; manifolds need 2D weights. Valid manifolds for it: 'none'")
+                             f"{tuple(param.shape)}; manifolds need matrices (2D, or conv filters). Valid "
+                             "manifolds for it: 'none'")
         claimed[index] += 1
         transposed = _is_transposed_storage(owners[name])
         group = groups.setdefault((index, transposed), {

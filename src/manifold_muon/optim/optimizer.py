@@ -6,7 +6,8 @@ under ``torch.load(weights_only=True)``):
 ==================  =====================================================================
 key                 meaning
 ==================  =====================================================================
-``algorithm``       ``"muon"`` (2D only) or ``"adamw"``
+``algorithm``       ``"muon"`` (matrices: 2D, or conv filters read as ``(out, in * kernel
+                    size)``) or ``"adamw"``
 ``manifold``        ``none | stiefel | dgram | dgram-svd | oblique | spectral``
 ``lr``              learning rate (Muon: step length in spectral norm); default 0.02 for
                     Muon, 1e-3 for AdamW (torch's)
@@ -133,8 +134,18 @@ def _lr_scale(adjust: str | None, shape: torch.Size) -> float:
 
 
 def _oriented(p: torch.Tensor, group) -> torch.Tensor:
-    """The weight as ``(out, in)``: a transposed view for ``(in, out)`` storage."""
-    return p.mT if group["transposed"] else p
+    """The weight as an ``(out, in)`` matrix, and a view of it, so that writing it writes the
+    weight: transposed for ``(in, out)`` storage, and a convolution's filters flattened to
+    ``(out, in * kernel size)``, the matrix the layer multiplies its input patches by (Keller
+    Jordan's Muon reads conv filters the same way)."""
+    if group["transposed"]:
+        return p.mT
+    if p.ndim == 2:
+        return p
+    if not p.is_contiguous():   # a flattening copy would take the update and drop it
+        raise ValueError(f"a {p.ndim}D weight of shape {tuple(p.shape)} must be contiguous to be read as a "
+                         "matrix (channels_last is not): keep the model's default memory format")
+    return p.view(p.shape[0], -1)
 
 
 def _fill_missing_keys(optimizer: "ManifoldMuon"):
@@ -212,9 +223,10 @@ class ManifoldMuon(torch.optim.Optimizer):
             raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got lr={group['lr']}, "
                              f"weight_decay={group['weight_decay']}, momentum={group['momentum']}")
         for p in group["params"]:
-            if (group["algorithm"] == "muon" or manifold.name != "none") and p.ndim != 2:
-                raise ValueError(f"algorithm={group['algorithm']!r}, manifold={manifold.name!r} needs 2D "
-                                 f"parameters, got shape {tuple(p.shape)}; use algorithm='adamw', manifold='none'")
+            if (group["algorithm"] == "muon" or manifold.name != "none") and p.ndim < 2:
+                raise ValueError(f"algorithm={group['algorithm']!r}, manifold={manifold.name!r} needs matrices "
+                                 f"(2D, or conv filters read as (out, in * kernel size)), got shape "
+                                 f"{tuple(p.shape)}; use algorithm='adamw', manifold='none'")
 
     def add_param_group(self, param_group):
         """torch's, then this optimizer's per-algorithm defaults and validation (the constructor
