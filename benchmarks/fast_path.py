@@ -37,8 +37,8 @@ from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimat
 from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.optim.precision import float32_matmul_precision
 from manifold_muon.optim.msign import msign, quintic_schedule
-from manifold_muon.optim.norms import top_ritz_pair
 from manifold_muon.optim.nuclear_dual import GramDual, MatrixDual
+from norm_estimate import ritz_value_norm   # a sibling script: its "ritz, 1 start" row, timed here
 
 
 def stacks(d: int, layers: int, manifold: str, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -66,7 +66,7 @@ def levers(manifold: str):
         "retraction: polar express 10 (before)": lambda w, g, x: msign(x, dtype=torch.float32),
         "retraction: near-orthogonal (now)": lambda w, g, x: man.retract(x),
         "norm: eigendecomposition": lambda w, g, x: spectral_norm(g),
-        "norm: lanczos 16, 1 start vector, Ritz value (before)": lambda w, g, x: single_vector_ritz_value(g),
+        "norm: lanczos 16, 1 start vector, Ritz value (before)": lambda w, g, x: ritz_value_norm(g, block=1),
         "norm: block lanczos 16, 2 start vectors, + residual (now)": lambda w, g, x: spectral_norm_estimate(g),
         "dual evaluation: matrix form, fp32 msign": lambda w, g, x: dual_evaluation(man, w, g, "matrix"),
         "dual evaluation: gram form, fp64": lambda w, g, x: dual_evaluation(man, w, g, "gram64"),
@@ -98,12 +98,6 @@ def dual_evaluation(man, w, g, form):
         _DUALS[key] = (dual, -man.normal_coefficients(wt, gt))
     dual, start = _DUALS[key]
     return dual(start)
-
-
-def single_vector_ritz_value(g):
-    """The estimate before block Lanczos (it computes the Ritz vector too, which it did not use)."""
-    tall = as_tall(g)[0].float()
-    return top_ritz_pair(tall.mT @ tall, steps=16, block=1)[0].sqrt()
 
 
 def fast_step(man, w, g):

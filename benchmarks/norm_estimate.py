@@ -39,12 +39,17 @@ from manifold_muon.optim.norms import singular_values, spectral_norm_estimate, t
 DEFAULT_SETTINGS = ["n_layer=2", "block_size=128", "batch_size=8"]
 
 
+def ritz_value_norm(a: torch.Tensor, block: int) -> torch.Tensor:
+    """``||A||_2`` per matrix from the top Ritz value alone of 16 Lanczos steps on the small Gram,
+    from ``block`` start vectors: a lower bound (``block=1`` is fast mode's estimate before
+    2026-12-03).  ``benchmarks/fast_path.py`` times it."""
+    tall = as_tall(a)[0].float()
+    return top_ritz_pair(tall.mT @ tall, steps=16, block=block)[0].clamp(min=0).sqrt()
+
+
 def estimates(a: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three estimates of ``||A||_2`` per matrix of a stack; "+ residual" is fast mode's own."""
-    tall = as_tall(a)[0].float()
-    gram = tall.mT @ tall
-    return {"ritz, 1 start": top_ritz_pair(gram, steps=16, block=1)[0].clamp(min=0).sqrt(),
-            "ritz, 2 starts": top_ritz_pair(gram, steps=16, block=2)[0].clamp(min=0).sqrt(),
+    return {"ritz, 1 start": ritz_value_norm(a, block=1), "ritz, 2 starts": ritz_value_norm(a, block=2),
             "+ residual": spectral_norm_estimate(a)}
 
 
