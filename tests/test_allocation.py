@@ -202,6 +202,7 @@ RECORDED_NAMES = {
     "torch nn.Transformer": (
         ["encoder.layers.N.self_attn.in_proj_weight", "encoder.layers.N.self_attn.out_proj.weight",
          "decoder.layers.N.multihead_attn.in_proj_weight", "decoder.layers.N.multihead_attn.out_proj.weight",
+         # nn.MultiheadAttention's own names when kdim or vdim differ, held as self_attn
          "self_attn.q_proj_weight", "self_attn.k_proj_weight", "self_attn.v_proj_weight"],
         ["encoder.layers.N.linear1.weight", "decoder.layers.N.linear2.weight", "linear1.weight"], []),
     "timm ViT": (["blocks.N.attn.qkv.weight", "blocks.N.attn.proj.weight", "blocks.N.attn.q_proj.weight"],
