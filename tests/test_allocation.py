@@ -13,6 +13,12 @@ SEED_PLAN = ["baseline", "muon_all", "muon_attention", "muon_ffn", "stiefel_all"
              "stiefel_ffn", "spectral_all", "manifold_muon"]
 
 
+def stock_transformer():
+    """PyTorch's own encoder-decoder, one layer each: nn.MultiheadAttention, linear1 and linear2."""
+    return torch.nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                                batch_first=True)
+
+
 def by_name(groups):
     return {n: g for g in groups for n in g["names"]}
 
@@ -23,9 +29,7 @@ def test_all_fourteen_presets_exist():
 
 @pytest.mark.parametrize("preset", PAPER + SEED_PLAN)
 def test_presets_claim_every_trainable_parameter_exactly_once_on_gpt_llama_and_torch_transformer(preset):
-    stock = torch.nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
-                                 batch_first=True)
-    for model in (TinyGPT(), TinyLlama(), stock):
+    for model in (TinyGPT(), TinyLlama(), stock_transformer()):
         groups = resolve(model, preset)
         names = [n for g in groups for n in g["names"]]
         assert sorted(names) == sorted(n for n, _ in model.named_parameters())
@@ -251,8 +255,7 @@ def test_presets_find_attention_and_mlp_in_each_naming_convention(family):
 
 def test_presets_run_on_a_stock_torch_transformer():
     torch.manual_seed(0)
-    model = torch.nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
-                                 batch_first=True)
+    model = stock_transformer()
     groups = resolve(model, "hetero")   # no embedding: the 2D catch-all catches nothing, and may
     named = by_name(groups)
     on = {n: named[n]["manifold"] for n, p in model.named_parameters() if p.ndim == 2}
