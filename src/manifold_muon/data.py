@@ -28,7 +28,8 @@ def how_to_prepare(folder) -> str:
     """The command that writes ``folder``, by its name: the presets' folders each have their own."""
     folder = Path(folder)
     if folder.name == "local-corpus":
-        return f"`python scripts/build_local_corpus.py --out {folder}` (the offline English corpus, see the README)"
+        return (f"`python scripts/build_local_corpus.py --out {folder}` in a clone of the manifold-muon "
+                "repository (the script that builds the offline English corpus; see its README)")
     if folder.name == "openwebtext":
         return f"`manifold-muon prepare openwebtext --out {folder}` (needs the internet and HF datasets)"
     return (f"`manifold-muon prepare shakespeare --out {folder}` (the embedded corpus), or "
