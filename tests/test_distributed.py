@@ -1,4 +1,5 @@
-"""Optimizer work shared across ranks (gloo, CPU processes) equals one process."""
+"""Optimizer work shared across ranks (gloo, CPU processes) equals one process, with replicated
+weights (DDP) and with FSDP2-sharded ones (DTensors)."""
 import os
 import socket
 
@@ -6,6 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 from manifold_muon import ManifoldMuon, resolve
 from manifold_muon.optim.distributed import owned_indices
@@ -14,27 +18,35 @@ from conftest import TinyGPT
 STEPS = 4
 
 
-def train_steps(rank_world=(0, 1)):
+def train_steps(shard=False):
+    """STEPS hetero steps on given gradients; ``shard``: the model under FSDP2 (``fully_shard``),
+    so that its weights, gradients and momentum buffers are DTensors split by rows."""
     torch.manual_seed(0)
     model = TinyGPT(layers=3)   # 3 same-shape matrices per stack: 2 and 3 ranks both split them
+    if shard:  # d=16 rows over 3 ranks: uneven shards (6, 6, 4)
+        fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     opt = ManifoldMuon(resolve(model, "hetero"))
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(step)
         for p in model.parameters():  # identical "all-reduced" gradients on every rank
-            p.grad = torch.randn(p.shape, generator=gen)
+            grad = torch.randn(p.shape, generator=gen)
+            p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None) if shard else grad
         opt.step()
-    return {k: v.clone() for k, v in model.state_dict().items()}, opt
+    return {k: getattr(v, "full_tensor", v.clone)() for k, v in model.state_dict().items()}, opt
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, shard=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        weights, opt = train_steps()
+        weights, opt = train_steps(shard)
         duals = {i: s["dual"] for i, s in enumerate(opt.state.values()) if "dual" in s}
+        # FSDP2's point: each rank keeps only its rows of every momentum buffer
+        momentum_rows = [s["momentum_buffer"].to_local().shape[0] if shard else s["momentum_buffer"].shape[0]
+                         for s in opt.state.values() if "momentum_buffer" in s]
         if rank == 0:
-            torch.save({"weights": weights, "duals": duals}, out)
+            torch.save({"weights": weights, "duals": duals, "momentum_rows": momentum_rows}, out)
         # Leave together: a rank that tears gloo down while a peer still talks to it makes
         # the peer abort ("terminate called without an active exception", seen on CI-like runs).
         dist.barrier()
@@ -49,15 +61,20 @@ def test_owned_indices_cover_the_stack_once_in_order():
             assert flat[:k] == list(range(k)) and set(flat) == set(range(k))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_optimizer_matches_one_process(world, tmp_path):
+@pytest.mark.parametrize("world, fsdp", [(2, False), (3, False), (3, True)])
+def test_sharded_optimizer_matches_one_process(world, fsdp, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(world, port, str(out)), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, port, str(out), fsdp), nprocs=world, start_method="spawn")
     sharded = torch.load(out, weights_only=True)
     single, opt = train_steps()
+    full_rows = [s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
+    if fsdp:   # rank 0 holds the first ceil(rows / 3) of each
+        assert sharded["momentum_rows"] == [-(-rows // world) for rows in full_rows]
+    else:
+        assert sharded["momentum_rows"] == full_rows
     for k, v in single.items():
         torch.testing.assert_close(sharded["weights"][k], v, atol=1e-6, rtol=0, msg=k)
     # the carried multipliers were gathered too: every rank holds every matrix's dual

@@ -9,6 +9,12 @@ Cost per rank for ``k`` same-shape matrices on ``W`` ranks: ``ceil(k / W)`` solv
 all_gather of ``k`` matrices (``k * m * n`` floats received), instead of ``k`` solves.  A
 rank whose slice would be short repeats the last matrix rather than idle in a ragged
 collective; the duplicates are dropped after the gather.
+
+FSDP2 (``fully_shard``) and other DTensor parameters take the same path: each matrix's
+momentum and weight are gathered whole (``whole``, one all_gather each), the stack is split
+and solved as above, and each rank keeps its own shard of every result (``write_whole``, a
+local slice, no communication).  The momentum buffers stay sharded; the step holds one stack
+of same-shape matrices whole at a time, as DDP holds every matrix whole all the time.
 """
 from __future__ import annotations
 
@@ -17,7 +23,12 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "owned_indices", "gather_slices"]
+__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "write_whole"]
+
+if dist.is_available():
+    from torch.distributed.tensor import DTensor, distribute_tensor
+else:   # a build without torch.distributed has no DTensors either
+    DTensor, distribute_tensor = (), None
 
 
 def world() -> tuple[int, int]:
@@ -42,3 +53,24 @@ def gather_slices(local: torch.Tensor, k: int, world_size: int) -> torch.Tensor:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, local.contiguous())
     return out[:k]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's parameters and their gradients are)."""
+    return isinstance(t, DTensor)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value as a plain tensor on every rank (a collective over its mesh);
+    a plain tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def write_whole(p: torch.Tensor, value: torch.Tensor):
+    """Write the whole value ``value`` into ``p``: a DTensor keeps its own shard of it, cut
+    locally (every rank holds the same ``value``, so nothing is sent); a plain tensor takes all."""
+    if is_sharded(p):
+        mine = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(mine.to_local())
+    else:
+        p.copy_(value)

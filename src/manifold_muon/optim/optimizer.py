@@ -86,7 +86,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .compiling import compiled_graphs_limit, mark_compile_constants
-from .distributed import gather_slices, owned_indices, world
+from .distributed import gather_slices, is_sharded, owned_indices, whole, world, write_whole
 from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
@@ -146,6 +146,27 @@ def _oriented(p: torch.Tensor, group) -> torch.Tensor:
         raise ValueError(f"a {p.ndim}D weight of shape {tuple(p.shape)} must be contiguous to be read as a "
                          "matrix (channels_last is not): keep the model's default memory format")
     return p.view(p.shape[0], -1)
+
+
+def _write_oriented(p: torch.Tensor, value: torch.Tensor, group):
+    """Write the ``(out, in)`` matrix ``value`` into the weight ``p``, the inverse of reading
+    ``_oriented(whole(p), group)``; a DTensor (FSDP2) weight keeps its own shard of it."""
+    if not is_sharded(p):
+        _oriented(p, group).copy_(value)
+        return
+    full = torch.empty(p.shape, dtype=p.dtype, device=value.device)
+    _oriented(full, group).copy_(value)
+    write_whole(p, full)
+
+
+def _write_matrices(batch: list, values: list, group):
+    """``_write_oriented`` for a stack: plain weights in one foreach copy (one launch on a GPU)."""
+    plain = [i for i, p in enumerate(batch) if not is_sharded(p)]
+    if plain:
+        torch._foreach_copy_([_oriented(batch[i], group) for i in plain], [values[i] for i in plain])
+    for p, value in zip(batch, values):
+        if is_sharded(p):
+            _write_oriented(p, value, group)
 
 
 def _fill_missing_keys(optimizer: "ManifoldMuon"):
@@ -242,7 +263,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             manifold = get_manifold(group["manifold"])
             if manifold.name != "none":
                 for p in group["params"]:
-                    _oriented(p, group).copy_(manifold.init(_oriented(p, group)))
+                    _write_oriented(p, manifold.init(_oriented(whole(p), group)), group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -285,8 +306,8 @@ class ManifoldMuon(torch.optim.Optimizer):
         manifold = get_manifold(group["manifold"])
         if manifold.name != "none":  # "wrap any optimizer": AdamW step, then retract
             for p in params:
-                _oriented(p, group).copy_(manifold.decay_toward_bound(manifold.retract(_oriented(p, group)),
-                                                                      group["lr"]))
+                w = _oriented(whole(p), group)
+                _write_oriented(p, manifold.decay_toward_bound(manifold.retract(w), group["lr"]), group)
 
     # ---- Muon and Manifold Muon ---------------------------------------------------------------
     def _momentum_directions(self, group, batch) -> list[torch.Tensor]:
@@ -313,12 +334,14 @@ class ManifoldMuon(torch.optim.Optimizer):
             by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
         rank, world_size = world()
         for batch in by_shape.values():
-            # every rank updates every momentum buffer (grads are identical after DDP) ...
-            g_all = torch.stack([_oriented(d, group) for d in self._momentum_directions(group, batch)])
+            # every rank updates every momentum buffer (grads are identical after DDP; under FSDP2
+            # each rank its shards, then gathers the whole matrices) ...
+            g_all = torch.stack([_oriented(whole(d), group) for d in self._momentum_directions(group, batch)])
             # ... and solves only its slice of the stack; an all_gather shares the results.
             mine = owned_indices(len(batch), rank, world_size)
             g = g_all[mine]
-            w = torch.stack([_oriented(batch[i], group) for i in mine])
+            weights = [whole(p) for p in batch]   # a collective per DTensor: every rank takes part
+            w = torch.stack([_oriented(weights[i], group) for i in mine])
             scale = lr * _lr_scale(group["adjust_lr"], w.shape)
             result, duals = None, None
             compiling = _compiles(group, manifold) and self.compile_error is None
@@ -350,7 +373,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             if self.collect_stats:  # before the gather: each rank reports the matrices it solved
                 self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result, compiled_gap)
             w_all = gather_slices(w, len(batch), world_size)
-            torch._foreach_copy_([_oriented(p, group) for p in batch], list(w_all.unbind(0)))
+            _write_matrices(batch, list(w_all.unbind(0)), group)
             if duals is not None:
                 for p, dual in zip(batch, duals):
                     self.state[p]["dual"] = dual
