@@ -301,7 +301,8 @@ def test_errors_name_the_valid_choices():
     model = TinyGPT()
     with pytest.raises(ValueError, match="valid names include: transformer.wte.weight"):
         resolve(model, [Rule(r"q_proj", "muon", "stiefel"), Rule(".", "adamw")])
-    with pytest.raises(ValueError, match=r"manifolds need matrices \(2D, or conv filters\). Valid manifolds for it: 'none'"):
+    with pytest.raises(ValueError, match=r"manifolds need matrices \(2D, or conv filters\). Valid manifolds for it: 'none' "
+                       r"\(if it is a weight flattened to 1D, as FSDP1 shows them, shard with FSDP2's fully_shard"):
         resolve(model, [Rule(r"ln_", "adamw", "stiefel"), Rule(".", "adamw")])
     with pytest.raises(ValueError, match="valid choices: none, stiefel, dgram"):
         Rule(".", "muon", "hyperbolic")

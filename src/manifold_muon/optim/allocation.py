@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .manifolds import get_manifold
-from .optimizer import ALGORITHMS, DEFAULTS, effective
+from .optimizer import ALGORITHMS, DEFAULTS, FLATTENED_WEIGHT_HINT, effective
 
 __all__ = ["Rule", "PRESETS", "resolve", "get_preset", "format_allocation", "allocation_records",
            "ATTENTION", "MLP", "NAMING_CONVENTIONS"]
@@ -220,7 +220,7 @@ def resolve(model: torch.nn.Module, preset_or_rules, **overrides) -> list[dict]:
         if rule.manifold != "none" and param.ndim < 2:
             raise ValueError(f"rule {rule.describe()} puts manifold {rule.manifold!r} on {name!r} of shape "
                              f"{tuple(param.shape)}; manifolds need matrices (2D, or conv filters). Valid "
-                             "manifolds for it: 'none'")
+                             f"manifolds for it: 'none' ({FLATTENED_WEIGHT_HINT})")
         claimed[index] += 1
         transposed = _is_transposed_storage(owners[name])
         group = groups.setdefault((index, transposed), {

@@ -94,6 +94,10 @@ from .precision import MATMUL_PRECISIONS, float32_matmul_precision
 
 __all__ = ["ManifoldMuon", "ALGORITHMS", "MSIGN_DTYPES"]
 
+# Said where a 1D parameter meets a matrix rule: FSDP1's flattened views are the likely cause.
+FLATTENED_WEIGHT_HINT = ("if it is a weight flattened to 1D, as FSDP1 shows them, shard with FSDP2's "
+                         "fully_shard instead: it keeps each weight's shape, and ManifoldMuon steps it")
+
 ALGORITHMS = ("muon", "adamw")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 MSIGN_DTYPES = tuple(_DTYPES)
@@ -247,7 +251,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             if (group["algorithm"] == "muon" or manifold.name != "none") and p.ndim < 2:
                 raise ValueError(f"algorithm={group['algorithm']!r}, manifold={manifold.name!r} needs matrices "
                                  f"(2D, or conv filters read as (out, in * kernel size)), got shape "
-                                 f"{tuple(p.shape)}; use algorithm='adamw', manifold='none'")
+                                 f"{tuple(p.shape)}; use algorithm='adamw', manifold='none' ({FLATTENED_WEIGHT_HINT})")
 
     def add_param_group(self, param_group):
         """torch's, then this optimizer's per-algorithm defaults and validation (the constructor
