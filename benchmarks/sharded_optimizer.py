@@ -2,8 +2,12 @@
 
 Each rank runs one thread, so W ranks use W cores.  Expected per-rank cost for k same-shape
 matrices per stack: ceil(k / W) direction solves + the all_gather of k matrices, against k
-solves on one rank; the momentum update (elementwise) stays on every rank.
-Usage: python benchmarks/sharded_optimizer.py [--worlds 1,2] [--layers 4] [--d 128] [--steps 5]
+solves on one rank; the momentum update (elementwise) stays on every rank.  Two layouts of the
+weights: ``replicated`` (as under DDP) and ``fsdp2`` (``fully_shard``: DTensors split by rows,
+whose step also gathers each matrix's momentum and weight whole, two all_gathers more a matrix,
+and updates only its rows of the momentum).
+Usage: python benchmarks/sharded_optimizer.py [--worlds 1,2] [--layouts replicated,fsdp2]
+         [--layers 4] [--d 128] [--steps 5] [--mode improved]
 """
 import argparse
 import json
@@ -17,30 +21,50 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 from manifold_muon.bench import write_result
 from manifold_muon import ManifoldMuon, resolve
 from manifold_muon.model import GPT, ModelConfig
 
 
-def _worker(rank, world, port, args, out):
+LAYOUTS = ("replicated", "fsdp2")
+
+
+def _model_and_optimizer(args, layout: str, world: int):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=args.layers, n_embd=args.d, n_head=4, block_size=32, vocab_size=256))
+    if layout == "fsdp2":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model, ManifoldMuon(resolve(model, args.allocation, mode=args.mode))
+
+
+def _set_gradients(model, step: int):
+    """The same random gradients for every layout and rank (as after DDP's all-reduce)."""
+    gen = torch.Generator().manual_seed(step)
+    for p in model.parameters():
+        grad = torch.randn(p.shape, generator=gen)
+        sharded = hasattr(p, "device_mesh")
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None) if sharded else grad
+
+
+def _worker(rank, world, port, args, layouts, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=args.layers, n_embd=args.d, n_head=4, block_size=32, vocab_size=256))
-    opt = ManifoldMuon(resolve(model, args.allocation))
-    times = []
+    runs = {layout: _model_and_optimizer(args, layout, world) for layout in layouts}
+    times = {layout: [] for layout in layouts}
     for step in range(args.steps + 1):
-        gen = torch.Generator().manual_seed(step)
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=gen)
-        dist.barrier()
-        t0 = time.perf_counter()
-        opt.step()
-        dist.barrier()
-        if step:  # the first step builds state
-            times.append((time.perf_counter() - t0) * 1e3)
+        for layout, (model, opt) in runs.items():   # interleaved: a slow spell hits every layout
+            _set_gradients(model, step)
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            dist.barrier()
+            if step:  # the first step builds state
+                times[layout].append((time.perf_counter() - t0) * 1e3)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()
@@ -49,28 +73,41 @@ def _worker(rank, world, port, args, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default="1,2")
+    ap.add_argument("--layouts", default="replicated", help=f"comma-separated weight layouts, from: {', '.join(LAYOUTS)}")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--allocation", default="hetero")
+    ap.add_argument("--mode", default="improved", choices=("improved", "fast", "paper"),
+                    help="direction solver (improved's iteration count varies from step to step; fast's does not)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    result = {"date": time.strftime("%Y-%m-%d"), "device": "cpu", "layers": args.layers, "d": args.d,
-              "allocation": args.allocation, "optimizer_ms_median": {}}
-    for world in [int(w) for w in args.worlds.split(",")]:
+    layouts = args.layouts.split(",")
+    bad = [layout for layout in layouts if layout not in LAYOUTS]
+    if bad:
+        ap.error(f"unknown layout {bad[0]!r}; valid: {', '.join(LAYOUTS)}")
+    worlds = [int(w) for w in args.worlds.split(",")]
+    result = {"date": time.strftime("%Y-%m-%d"), "device": "cpu", "torch": torch.__version__, "layers": args.layers,
+              "d": args.d, "allocation": args.allocation, "mode": args.mode, "steps": args.steps,
+              "optimizer_ms_median": {layout: {} for layout in layouts}}
+    for world in worlds:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            mp.start_processes(_worker, args=(world, port, args, f.name), nprocs=world, start_method="spawn")
+            mp.start_processes(_worker, args=(world, port, args, layouts, f.name), nprocs=world, start_method="spawn")
             times = json.loads(Path(f.name).read_text())
-        result["optimizer_ms_median"][world] = statistics.median(times)
-        print(f"world {world}: optimizer step {statistics.median(times):.1f} ms per rank (median of {len(times)})",
-              flush=True)
-    base = result["optimizer_ms_median"][min(result["optimizer_ms_median"])]
-    for world, ms in result["optimizer_ms_median"].items():
-        print(f"  world {world}: {ms / base:.2f}x of world 1 (ideal {1 / world:.2f}x)")
-    write_result(result, args.out, f"sharded_optimizer_{result['date']}_cpu.json")
+        for layout in layouts:
+            result["optimizer_ms_median"][layout][world] = statistics.median(times[layout])
+            print(f"{layout:10} world {world}: optimizer step {statistics.median(times[layout]):.1f} ms per rank "
+                  f"(median of {len(times[layout])})", flush=True)
+    base = result["optimizer_ms_median"][layouts[0]][worlds[0]]
+    print(f"per-rank time against {layouts[0]}, world {worlds[0]} (ideal: 1 / world)")
+    for layout in layouts:
+        for world, ms in result["optimizer_ms_median"][layout].items():
+            print(f"  {layout:10} world {world}: {ms / base:.2f}x")
+    tag = ("_" + "-".join(layouts) if layouts != ["replicated"] else "") + (f"_{args.mode}" if args.mode != "improved" else "")
+    write_result(result, args.out, f"sharded_optimizer_{result['date']}{tag}_cpu.json")
 
 
 if __name__ == "__main__":

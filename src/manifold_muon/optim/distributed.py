@@ -10,11 +10,12 @@ all_gather of ``k`` matrices (``k * m * n`` floats received), instead of ``k`` s
 rank whose slice would be short repeats the last matrix rather than idle in a ragged
 collective; the duplicates are dropped after the gather.
 
-FSDP2 (``fully_shard``) and other DTensor parameters take the same path: each matrix's
-momentum and weight are gathered whole (``whole``, one all_gather each), the stack is split
-and solved as above, and each rank keeps its own shard of every result (``write_whole``, a
-local slice, no communication).  The momentum buffers stay sharded; the step holds one stack
-of same-shape matrices whole at a time, as DDP holds every matrix whole all the time.
+FSDP2 (``fully_shard``) and other DTensor parameters take the same path: the momenta and
+weights of a stack are gathered whole (``whole_stack``, one all_gather for them all, which
+receives ``2 * k * m * n`` floats more), the stack is split and solved as above, and each rank
+keeps its own shard of every result (``write_whole``, a local slice, no communication).  The
+momentum buffers stay sharded; the step holds one stack of same-shape matrices whole at a
+time, as DDP holds every matrix whole all the time.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "write_whole"]
+__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack", "write_whole"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -64,6 +65,17 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value as a plain tensor on every rank (a collective over its mesh);
     a plain tensor as it is."""
     return t.full_tensor() if is_sharded(t) else t
+
+
+def whole_stack(tensors: list) -> list:
+    """``whole`` of each tensor: same-shape DTensors on one mesh and placement gathered in one
+    collective (stacked, then gathered: one launch instead of one per tensor); plain tensors
+    as they are."""
+    first = tensors[0]
+    if is_sharded(first) and all(is_sharded(t) and t.device_mesh == first.device_mesh
+                                 and t.placements == first.placements for t in tensors):
+        return list(torch.stack(tensors).full_tensor().unbind(0))
+    return [whole(t) for t in tensors]
 
 
 def write_whole(p: torch.Tensor, value: torch.Tensor):

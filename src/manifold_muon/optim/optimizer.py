@@ -86,7 +86,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .compiling import compiled_graphs_limit, mark_compile_constants
-from .distributed import gather_slices, is_sharded, owned_indices, whole, world, write_whole
+from .distributed import gather_slices, is_sharded, owned_indices, whole, whole_stack, world, write_whole
 from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
@@ -339,13 +339,14 @@ class ManifoldMuon(torch.optim.Optimizer):
         rank, world_size = world()
         for batch in by_shape.values():
             # every rank updates every momentum buffer (grads are identical after DDP; under FSDP2
-            # each rank its shards, then gathers the whole matrices) ...
-            g_all = torch.stack([_oriented(whole(d), group) for d in self._momentum_directions(group, batch)])
+            # each rank its rows, then it gathers the whole momenta and weights, in one collective) ...
+            k = len(batch)
+            wholes = whole_stack([*self._momentum_directions(group, batch), *batch])
+            g_all = torch.stack([_oriented(d, group) for d in wholes[:k]])
             # ... and solves only its slice of the stack; an all_gather shares the results.
-            mine = owned_indices(len(batch), rank, world_size)
+            mine = owned_indices(k, rank, world_size)
             g = g_all[mine]
-            weights = [whole(p) for p in batch]   # a collective per DTensor: every rank takes part
-            w = torch.stack([_oriented(weights[i], group) for i in mine])
+            w = torch.stack([_oriented(wholes[k + i], group) for i in mine])
             scale = lr * _lr_scale(group["adjust_lr"], w.shape)
             result, duals = None, None
             compiling = _compiles(group, manifold) and self.compile_error is None
@@ -362,7 +363,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                                          dtype=_msign_dtype(group))
                 a = result.direction
                 if carry:
-                    duals = gather_slices(result.dual.to(w.dtype), len(batch), world_size)
+                    duals = gather_slices(result.dual.to(w.dtype), k, world_size)
             else:
                 a = stack_direction(w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"],
                                     _msign_dtype(group))
@@ -376,7 +377,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                 w = manifold.decay_toward_bound(manifold.retract(w), lr)
             if self.collect_stats:  # before the gather: each rank reports the matrices it solved
                 self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result, compiled_gap)
-            w_all = gather_slices(w, len(batch), world_size)
+            w_all = gather_slices(w, k, world_size)
             _write_matrices(batch, list(w_all.unbind(0)), group)
             if duals is not None:
                 for p, dual in zip(batch, duals):
