@@ -18,12 +18,20 @@ from conftest import TinyGPT
 STEPS = 4
 
 
-def train_steps(shard=False):
+def build_model(name: str) -> torch.nn.Module:
+    if name == "hf-gpt2":   # Conv1D weights stored (in, out): the optimizer works on W.mT
+        from transformers import GPT2Config, GPT2LMHeadModel
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16,
+                                          bos_token_id=None, eos_token_id=None))
+    return TinyGPT(layers=3)   # 3 same-shape matrices per stack: 2 and 3 ranks both split them
+
+
+def train_steps(shard=False, model_name="nanogpt"):
     """STEPS hetero steps on given gradients; ``shard``: the model under FSDP2 (``fully_shard``),
     so that its weights, gradients and momentum buffers are DTensors split by rows."""
     torch.manual_seed(0)
-    model = TinyGPT(layers=3)   # 3 same-shape matrices per stack: 2 and 3 ranks both split them
-    if shard:  # d=16 rows over 3 ranks: uneven shards (6, 6, 4)
+    model = build_model(model_name)
+    if shard:  # 16 rows over 3 ranks: uneven shards (6, 6, 4); HF's 32: (11, 11, 10)
         fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     opt = ManifoldMuon(resolve(model, "hetero"))
     for step in range(STEPS):
@@ -35,12 +43,12 @@ def train_steps(shard=False):
     return {k: getattr(v, "full_tensor", v.clone)() for k, v in model.state_dict().items()}, opt
 
 
-def _worker(rank, world, port, out, shard=False):
+def _worker(rank, world, port, out, shard=False, model_name="nanogpt"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        weights, opt = train_steps(shard)
+        weights, opt = train_steps(shard, model_name)
         duals = {i: s["dual"] for i, s in enumerate(opt.state.values()) if "dual" in s}
         # FSDP2's point: each rank keeps only its rows of every momentum buffer
         momentum_rows = [s["momentum_buffer"].to_local().shape[0] if shard else s["momentum_buffer"].shape[0]
@@ -61,15 +69,21 @@ def test_owned_indices_cover_the_stack_once_in_order():
             assert flat[:k] == list(range(k)) and set(flat) == set(range(k))
 
 
-@pytest.mark.parametrize("world, fsdp", [(2, False), (3, False), (3, True)])
-def test_sharded_optimizer_matches_one_process(world, fsdp, tmp_path):
+@pytest.mark.parametrize("world, fsdp, model_name", [(2, False, "nanogpt"), (3, False, "nanogpt"),
+                                                     (3, True, "nanogpt"), (3, True, "hf-gpt2")])
+def test_sharded_optimizer_matches_one_process(world, fsdp, model_name, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(world, port, str(out), fsdp), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, port, str(out), fsdp, model_name), nprocs=world, start_method="spawn")
     sharded = torch.load(out, weights_only=True)
-    single, opt = train_steps()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the ranks: another thread count sums the matmuls in another order
+    try:
+        single, opt = train_steps(model_name=model_name)
+    finally:
+        torch.set_num_threads(threads)
     full_rows = [s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
     if fsdp:   # rank 0 holds the first ceil(rows / 3) of each
         assert sharded["momentum_rows"] == [-(-rows // world) for rows in full_rows]
