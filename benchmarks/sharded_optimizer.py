@@ -4,8 +4,8 @@ Each rank runs one thread, so W ranks use W cores.  Expected per-rank cost for k
 matrices per stack: ceil(k / W) direction solves + the all_gather of k matrices, against k
 solves on one rank; the momentum update (elementwise) stays on every rank.  Two layouts of the
 weights: ``replicated`` (as under DDP) and ``fsdp2`` (``fully_shard``: DTensors split by rows,
-whose step also gathers each matrix's momentum and weight whole, two all_gathers more a matrix,
-and updates only its rows of the momentum).
+whose step also gathers each stack's momenta and weights whole, one all_gather more a stack,
+and updates only its rows of the momentum), timed in alternating steps of one run.
 Usage: python benchmarks/sharded_optimizer.py [--worlds 1,2] [--layouts replicated,fsdp2]
          [--layers 4] [--d 128] [--steps 5] [--mode improved]
 """
@@ -28,6 +28,7 @@ from torch.distributed.tensor import distribute_tensor
 from manifold_muon.bench import write_result
 from manifold_muon import ManifoldMuon, resolve
 from manifold_muon.model import GPT, ModelConfig
+from manifold_muon.optim.distributed import is_sharded
 
 
 LAYOUTS = ("replicated", "fsdp2")
@@ -46,8 +47,7 @@ def _set_gradients(model, step: int):
     gen = torch.Generator().manual_seed(step)
     for p in model.parameters():
         grad = torch.randn(p.shape, generator=gen)
-        sharded = hasattr(p, "device_mesh")
-        p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None) if sharded else grad
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None) if is_sharded(p) else grad
 
 
 def _worker(rank, world, port, args, layouts, out):

@@ -13,7 +13,7 @@ collective; the duplicates are dropped after the gather.
 FSDP2 (``fully_shard``) and other DTensor parameters take the same path: the momenta and
 weights of a stack are gathered whole (``whole_stack``, one all_gather for them all, which
 receives ``2 * k * m * n`` floats more), the stack is split and solved as above, and each rank
-keeps its own shard of every result (``write_whole``, a local slice, no communication).  The
+keeps its own shard of every result (``write_shard``, a local slice, no communication).  The
 momentum buffers stay sharded; the step holds one stack of same-shape matrices whole at a
 time, as DDP holds every matrix whole all the time.
 """
@@ -24,7 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack", "write_whole"]
+__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack", "write_shard"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -78,11 +78,8 @@ def whole_stack(tensors: list) -> list:
     return [whole(t) for t in tensors]
 
 
-def write_whole(p: torch.Tensor, value: torch.Tensor):
-    """Write the whole value ``value`` into ``p``: a DTensor keeps its own shard of it, cut
-    locally (every rank holds the same ``value``, so nothing is sent); a plain tensor takes all."""
-    if is_sharded(p):
-        mine = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
-        p.to_local().copy_(mine.to_local())
-    else:
-        p.copy_(value)
+def write_shard(p: torch.Tensor, value: torch.Tensor):
+    """Write into the DTensor ``p`` its own shard of the whole value ``value``, cut locally:
+    every rank holds the same ``value``, so nothing is sent."""
+    mine = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+    p.to_local().copy_(mine.to_local())

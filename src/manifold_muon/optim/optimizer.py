@@ -86,7 +86,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .compiling import compiled_graphs_limit, mark_compile_constants
-from .distributed import gather_slices, is_sharded, owned_indices, whole, whole_stack, world, write_whole
+from .distributed import gather_slices, is_sharded, owned_indices, whole, whole_stack, world, write_shard
 from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
@@ -160,7 +160,7 @@ def _write_oriented(p: torch.Tensor, value: torch.Tensor, group):
         return
     full = torch.empty(p.shape, dtype=p.dtype, device=value.device)
     _oriented(full, group).copy_(value)
-    write_whole(p, full)
+    write_shard(p, full)
 
 
 def _write_matrices(batch: list, values: list, group):
