@@ -85,7 +85,7 @@ def test_sharded_optimizer_matches_one_process(world, fsdp, model_name, tmp_path
     finally:
         torch.set_num_threads(threads)
     full_rows = [s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
-    if fsdp:   # rank 0 holds the first ceil(rows / 3) of each
+    if fsdp:   # rank 0 holds the first ceil(rows / world) of each
         assert sharded["momentum_rows"] == [-(-rows // world) for rows in full_rows]
     else:
         assert sharded["momentum_rows"] == full_rows
