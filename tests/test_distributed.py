@@ -12,7 +12,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from manifold_muon import ManifoldMuon, resolve
-from manifold_muon.optim.distributed import owned_indices
+from manifold_muon.optim.distributed import owned_indices, whole
 from conftest import TinyGPT
 
 STEPS = 4
@@ -40,7 +40,7 @@ def train_steps(shard=False, model_name="nanogpt"):
             grad = torch.randn(p.shape, generator=gen)
             p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None) if shard else grad
         opt.step()
-    return {k: getattr(v, "full_tensor", v.clone)() for k, v in model.state_dict().items()}, opt
+    return {k: whole(v).clone() for k, v in model.state_dict().items()}, opt
 
 
 def _worker(rank, world, port, out, shard=False, model_name="nanogpt"):
