@@ -78,6 +78,20 @@ def test_manifold_groups_start_and_stay_on_their_manifold(algorithm, manifold):
     assert all(man.residual(x.detach()) < 1e-5 for x in p)
 
 
+@pytest.mark.parametrize("project_init", [True, False])
+def test_a_group_added_after_construction_is_projected_as_the_constructor_projects(project_init):
+    first, later = clone_params([(12, 6), (12, 6)])   # later: a layer unfrozen part way through training
+    before = later.detach().clone()
+    opt = ManifoldMuon([{"params": [first], "manifold": "stiefel"}], project_init=project_init)
+    opt.add_param_group({"params": [later], "manifold": "dgram"})
+    dgram = get_manifold("dgram")
+    if project_init:
+        assert dgram.residual(later.detach()) < 1e-5
+        assert torch.equal(later.detach(), dgram.init(before))
+    else:
+        assert torch.equal(later.detach(), before) and dgram.residual(before) > 0.1
+
+
 @pytest.mark.parametrize("manifold", ["none", "stiefel", "dgram"])
 def test_conv_filters_step_as_their_flattened_matrix(manifold):
     # A conv weight (out, in, kh, kw) is the matrix (out, in*kh*kw): its step must be the step of

@@ -59,10 +59,10 @@ Manifold groups take ``A = manifold_direction(W, G)``, then ``W <- retract(W - l
 cap); their weight decay defaults to 0 in the presets.  An ``"adamw"`` group with a manifold
 takes torch's AdamW step and then retracts: the seed plan's "wrap any optimizer".
 
-Weights start on their manifold: the constructor projects every managed parameter
-onto its manifold with ``Manifold.init`` (an exact, SVD-based projection) under
-``torch.no_grad``.  Pass ``project_init=False`` when the weights are already there,
-e.g. right before loading a checkpoint.
+Weights start on their manifold: the constructor, and ``add_param_group`` after it (a layer
+unfrozen later), project every managed parameter onto its manifold with ``Manifold.init`` (an
+exact, SVD-based projection) under ``torch.no_grad``.  Pass ``project_init=False`` when the
+weights are already there, e.g. right before loading a checkpoint.
 
 The optimizer never writes to ``p.grad``.
 
@@ -214,10 +214,9 @@ class ManifoldMuon(torch.optim.Optimizer):
         unknown = set(defaults) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown ManifoldMuon option(s) {sorted(unknown)}; valid: {', '.join(DEFAULTS)}")
+        self.project_init = project_init   # read by add_param_group, which torch's constructor calls
         super().__init__(params, {**DEFAULTS, **defaults})  # each group passes through add_param_group
         self.register_load_state_dict_post_hook(_fill_missing_keys)
-        if project_init:
-            self.project_to_manifolds()
         self.collect_stats = False
         self.stats: dict[str, dict] = {}
         self.compile_error: str | None = None   # why compiling failed, after which every group runs eager
@@ -257,17 +256,24 @@ class ManifoldMuon(torch.optim.Optimizer):
         """torch's, then this optimizer's per-algorithm defaults and validation (the constructor
         adds its groups through here too)."""
         super().add_param_group(param_group)
-        self._fill_algorithm_defaults(self.param_groups[-1])
-        self._validate(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self._fill_algorithm_defaults(group)
+        self._validate(group)
+        if self.project_init:
+            self._project_group(group)
 
-    @torch.no_grad()
     def project_to_manifolds(self):
         """Put every manifold-managed parameter on its manifold (exact projection)."""
         for group in self.param_groups:
-            manifold = get_manifold(group["manifold"])
-            if manifold.name != "none":
-                for p in group["params"]:
-                    _write_oriented(p, manifold.init(_oriented(whole(p), group)), group)
+            self._project_group(group)
+
+    @staticmethod
+    @torch.no_grad()
+    def _project_group(group):
+        manifold = get_manifold(group["manifold"])
+        if manifold.name != "none":
+            for p in group["params"]:
+                _write_oriented(p, manifold.init(_oriented(whole(p), group)), group)
 
     @torch.no_grad()
     def step(self, closure=None):
