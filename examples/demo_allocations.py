@@ -10,7 +10,6 @@ show the paper's findings, which need a real corpus and many thousands of steps.
 """
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 

@@ -20,7 +20,6 @@ Usage: python scripts/build_local_corpus.py [--out data/local-corpus] [--cache d
 """
 import argparse
 import ast
-import glob
 import gzip
 import html.parser
 import importlib.resources

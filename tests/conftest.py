@@ -1,16 +1,21 @@
 """Shared helpers: test matrices, an independent dual-bound certificate, tiny models."""
 import contextlib
 import io
+import json
 import math
 import runpy
 import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from manifold_muon.optim.manifolds import get_manifold
+from manifold_muon.prepare import sha256_file
+
+VOCAB = 96   # the vocabulary of data_dir's token stream
 
 
 def with_condition(m, n, cond, *, batch=(), dtype=torch.float64, seed=0):
@@ -200,3 +205,17 @@ def refusal(script, *args):
         runpy.run_path(str(script), run_name="__main__")
     assert exited.value.code not in (0, None)
     return f"{stderr.getvalue()}{exited.value.code}"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A nanoGPT-format folder of a learnable token stream (a noisy cycle)."""
+    rng = np.random.default_rng(0)
+    stream = (np.arange(20000) * 7 + rng.integers(0, 3, 20000)) % VOCAB
+    folder = tmp_path / "data"
+    folder.mkdir()
+    stream[:18000].astype(np.uint16).tofile(folder / "train.bin")
+    stream[18000:].astype(np.uint16).tofile(folder / "val.bin")
+    sums = {name: sha256_file(folder / name) for name in ("train.bin", "val.bin")}
+    (folder / "meta.json").write_text(json.dumps({"sha256": sums}))
+    return folder

@@ -6,8 +6,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from conftest import refusal
-from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
+from conftest import VOCAB, refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 

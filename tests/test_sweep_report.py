@@ -16,8 +16,7 @@ from manifold_muon.diagnostics import SpectralRecorder, read_spectral
 from manifold_muon.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
 from manifold_muon import sweep
 from manifold_muon.sweep import _gpu_slots, pack_finished_runs, run_sweep
-from conftest import TinyGPT
-from test_train import VOCAB, data_dir  # noqa: F401  (fixture)
+from conftest import VOCAB, TinyGPT
 
 ALLOCS = ["unconstrained", "hetero"]
 JOBS = 2   # runs side by side, a core each: a tiny model's run uses one thread as well as two

@@ -14,23 +14,9 @@ from manifold_muon.model import GPT, ModelConfig
 from manifold_muon.optim import resolve
 from manifold_muon.runio import atomic_save, read_jsonl
 from manifold_muon.train import Trainer, train
+from conftest import VOCAB
 
-VOCAB = 96
 
-
-@pytest.fixture
-def data_dir(tmp_path):
-    """A nanoGPT-format folder of a learnable token stream (a noisy cycle)."""
-    rng = np.random.default_rng(0)
-    stream = (np.arange(20000) * 7 + rng.integers(0, 3, 20000)) % VOCAB
-    folder = tmp_path / "data"
-    folder.mkdir()
-    stream[:18000].astype(np.uint16).tofile(folder / "train.bin")
-    stream[18000:].astype(np.uint16).tofile(folder / "val.bin")
-    from manifold_muon.prepare import sha256_file
-    sums = {name: sha256_file(folder / name) for name in ("train.bin", "val.bin")}
-    (folder / "meta.json").write_text(json.dumps({"sha256": sums}))
-    return folder
 
 
 def tiny(data_dir, out_dir, **overrides):
