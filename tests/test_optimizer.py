@@ -212,7 +212,9 @@ def test_bad_groups_name_the_valid_choices():
     with pytest.raises(ValueError, match="valid choices: none, stiefel"):
         ManifoldMuon([{"params": p[:1], "manifold": "sphere"}])
     # a 1D weight is most likely FSDP1's flattened view: the message names the way out
-    with pytest.raises(ValueError, match=r"needs matrices \(2D, or conv filters.*FSDP2's fully_shard"):
+    # (and says how a model's biases and norms get their own group)
+    with pytest.raises(ValueError, match=r"needs matrices \(2D, or conv filters.*as resolve\(model, "
+                                         r"preset_or_rules\) does.*FSDP2's fully_shard"):
         ManifoldMuon([{"params": p[1:], "algorithm": "muon"}])
     with pytest.raises(TypeError, match="unknown ManifoldMuon option"):
         ManifoldMuon(p[:1], learning_rate=0.1)

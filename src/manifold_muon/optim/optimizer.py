@@ -250,7 +250,8 @@ class ManifoldMuon(torch.optim.Optimizer):
             if (group["algorithm"] == "muon" or manifold.name != "none") and p.ndim < 2:
                 raise ValueError(f"algorithm={group['algorithm']!r}, manifold={manifold.name!r} needs matrices "
                                  f"(2D, or conv filters read as (out, in * kernel size)), got shape "
-                                 f"{tuple(p.shape)}; use algorithm='adamw', manifold='none' ({FLATTENED_WEIGHT_HINT})")
+                                 f"{tuple(p.shape)}; give it a group with algorithm='adamw', manifold='none', as "
+                                 f"resolve(model, preset_or_rules) does for biases and norms ({FLATTENED_WEIGHT_HINT})")
 
     def add_param_group(self, param_group):
         """torch's, then this optimizer's per-algorithm defaults and validation (the constructor
