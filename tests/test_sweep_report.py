@@ -34,7 +34,7 @@ def losses(run_dir):
     return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
-def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):  # noqa: F811
+def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):
     straight = tmp_path / "straight"
     run_sweep("tiny-cpu", ALLOCS, [1], straight, overrides=overrides(data_dir), quiet=True, jobs=JOBS)
     crashy = tmp_path / "crashy"
@@ -53,7 +53,7 @@ def test_killed_sweep_resumes_and_skips_finished_runs(data_dir, tmp_path):  # no
     assert [r["run"] for r in rows] == ["hetero-s1", "unconstrained-s1"] and all("verdict" in r for r in rows)
 
 
-def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  # noqa: F811
+def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):
     out = tmp_path / "sweep"
     # a finished run and, beside it, an unfinished one killed at iteration 7 (two sweeps at once, a core each)
     with ThreadPoolExecutor(2) as pool:
@@ -113,7 +113,7 @@ def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):  
         SpectralRecorder(run, {})
 
 
-def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811
+def test_report_from_small_real_runs(data_dir, tmp_path):
     out = tmp_path / "sweep"
     run_sweep("tiny-cpu", ALLOCS, [1, 2], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7"), quiet=True,
               jobs=JOBS)
@@ -152,7 +152,7 @@ def test_report_from_small_real_runs(data_dir, tmp_path):  # noqa: F811
     assert "| 5 | yes" in chain_lines[0] or "| 5 | no" in chain_lines[0]  # divergence at the first NaN, iteration 5
 
 
-def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path):  # noqa: F811
+def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path):
     out = tmp_path / "modes"
     with pytest.raises(ValueError, match="either as --modes or as --mode="):
         run_sweep("tiny-cpu", ["hetero"], [1], out, modes=["paper", "improved"],
@@ -193,7 +193,7 @@ def test_gpu_slots_give_every_gpu_a_run_and_share_the_rest():
     assert _gpu_slots(2, 5) == [0, 1, 0, 1, 0]
 
 
-def test_sweep_runs_jobs_side_by_side_on_one_gpu(data_dir, monkeypatch, tmp_path):  # noqa: F811
+def test_sweep_runs_jobs_side_by_side_on_one_gpu(data_dir, monkeypatch, tmp_path):
     """Four runs, --jobs 3, one (pretended) GPU: three at a time, all on GPU 0, threads split."""
     import threading
     import time
@@ -229,7 +229,7 @@ def test_report_errors_are_clear(tmp_path):
         build_report(tmp_path)
 
 
-def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, tmp_path):  # noqa: F811
+def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, tmp_path):
     sweeps = [tmp_path / "lr-low", tmp_path / "lr-high"]
     for folder, lr in zip(sweeps, (0.02, 0.3)):  # diag_interval differs too, but only logs: not a treatment
         run_sweep("tiny-cpu", ["unconstrained", "all-dgram"], [1, 2], folder, quiet=True, jobs=JOBS,
