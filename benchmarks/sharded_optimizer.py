@@ -2,10 +2,14 @@
 
 Each rank runs one thread, so W ranks use W cores.  Expected per-rank cost for k same-shape
 matrices per stack: ceil(k / W) direction solves + the all_gather of k matrices, against k
-solves on one rank; the momentum update (elementwise) stays on every rank.  Two layouts of the
-weights: ``replicated`` (as under DDP) and ``fsdp2`` (``fully_shard``: DTensors split by rows,
-whose step also gathers each stack's momenta and weights whole, one all_gather more a stack,
-and updates only its rows of the momentum), timed in alternating steps of one run.
+solves on one rank; the momentum update (elementwise) stays on every rank.  Three layouts of
+the weights, timed in alternating steps of one run:
+- ``replicated``, as under DDP;
+- ``fsdp2`` (``fully_shard`` on a 1D mesh: DTensors split by rows), whose step also sends each
+  rank, by one all_to_all, the momenta and weights of the matrices it solves, another sends
+  each rank its rows of the results, and which updates only its rows of the momentum;
+- ``hsdp`` (``fully_shard`` on a 2D mesh of 1 x W: the same shards as ``fsdp2``, but on the
+  path of layouts other than FSDP2's), which gathers each stack's momenta and weights whole.
 Usage: python benchmarks/sharded_optimizer.py [--worlds 1,2] [--layouts replicated,fsdp2]
          [--layers 4] [--d 128] [--steps 5] [--mode improved]
 """
@@ -31,7 +35,7 @@ from manifold_muon.model import GPT, ModelConfig
 from manifold_muon.optim.distributed import is_sharded
 
 
-LAYOUTS = ("replicated", "fsdp2")
+LAYOUTS = ("replicated", "fsdp2", "hsdp")
 
 
 def _model_and_optimizer(args, layout: str, world: int):
@@ -39,6 +43,8 @@ def _model_and_optimizer(args, layout: str, world: int):
     model = GPT(ModelConfig(n_layer=args.layers, n_embd=args.d, n_head=4, block_size=32, vocab_size=256))
     if layout == "fsdp2":
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    elif layout == "hsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
     return model, ManifoldMuon(resolve(model, args.allocation, mode=args.mode))
 
 
@@ -85,7 +91,7 @@ def main():
     layouts = args.layouts.split(",")
     bad = [layout for layout in layouts if layout not in LAYOUTS]
     if bad:
-        ap.error(f"unknown layout {bad[0]!r}; valid: {', '.join(LAYOUTS)}")
+        ap.error(f"unknown layout {bad[0]!r}; valid choices: {', '.join(LAYOUTS)}")
     worlds = [int(w) for w in args.worlds.split(",")]
     result = {"date": time.strftime("%Y-%m-%d"), "device": "cpu", "torch": torch.__version__, "layers": args.layers,
               "d": args.d, "allocation": args.allocation, "mode": args.mode, "steps": args.steps,

@@ -86,6 +86,17 @@ def test_bf16_emulation_times_both_paths_and_refuses_an_unknown_mode(tmp_path):
     assert "unknown mode(s) ['slow']; valid choices: muon, fast, paper" in message
 
 
+def test_sharded_optimizer_times_every_layout_at_every_world_size(tmp_path):
+    run_script("sharded_optimizer.py", "--worlds", "1,2", "--layouts", "replicated,fsdp2,hsdp", "--layers", "1",
+               "--d", "16", "--steps", "1", "--mode", "fast", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("sharded_optimizer_*_replicated-fsdp2-hsdp_fast_cpu.json")
+    medians = json.loads(path.read_text())["optimizer_ms_median"]
+    assert set(medians) == {"replicated", "fsdp2", "hsdp"}
+    assert all(set(by_world) == {"1", "2"} and min(by_world.values()) > 0 for by_world in medians.values())
+    message = refusal(ROOT / "benchmarks" / "sharded_optimizer.py", "--layouts", "replicated,zero3", "--out", tmp_path)
+    assert "unknown layout 'zero3'; valid choices: replicated, fsdp2, hsdp" in message
+
+
 def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
     # scripts/gpu.sh first is the one prepared call of a 15-minute GPU session: it must not rot here
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_DRY": "1", "FIRST_S": "400"}
@@ -109,7 +120,7 @@ def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
     assert "muon (ours, polar express, compiled)" in summary
 
 
-def test_gpu_sweep_stage_runs_side_by_side_packs_and_measures_quality(data_dir, tmp_path):  # noqa: F811
+def test_gpu_sweep_stage_runs_side_by_side_packs_and_measures_quality(data_dir, tmp_path):
     # scripts/gpu.sh sweep is how issues 6 and 7's runs will go; here at toy sizes on the test corpus
     results, out = tmp_path / "results", tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "PYTHON": sys.executable, "SWEEP_JOBS": "2",

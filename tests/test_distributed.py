@@ -1,7 +1,10 @@
 """Optimizer work shared across ranks (gloo, CPU processes) equals one process, with replicated
-weights (DDP) and with FSDP2-sharded ones (DTensors)."""
+weights (DDP) and with FSDP2-sharded ones (DTensors), cut by rows over every rank or, as HSDP
+does, over a 2D mesh."""
+import contextlib
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from manifold_muon import ManifoldMuon, resolve
 from manifold_muon.optim.distributed import owned_indices, whole
@@ -26,35 +29,53 @@ def build_model(name: str) -> torch.nn.Module:
     return TinyGPT(layers=3)   # 3 same-shape matrices per stack: 2 and 3 ranks both split them
 
 
-def train_steps(shard=False, model_name="nanogpt"):
-    """STEPS hetero steps on given gradients; ``shard``: the model under FSDP2 (``fully_shard``),
-    so that its weights, gradients and momentum buffers are DTensors split by rows."""
+def shard_model(model: torch.nn.Module, layout: str, world: int):
+    """FSDP2 over every rank (16 rows over 3 ranks: uneven shards 6, 6 and 4; HF's 32: 11, 11
+    and 10), or HSDP: 2 replicas of a model cut in world / 2 (a 2D mesh)."""
+    if layout == "fsdp2":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    elif layout == "hsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
+
+
+def train_steps(layout="replicated", model_name="nanogpt", around_steps=contextlib.nullcontext):
+    """STEPS hetero steps on given gradients; under FSDP2 or HSDP (``fully_shard``) the weights,
+    gradients and momentum buffers are DTensors split by rows."""
     torch.manual_seed(0)
     model = build_model(model_name)
-    if shard:  # 16 rows over 3 ranks: uneven shards (6, 6, 4); HF's 32: (11, 11, 10)
-        fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    shard_model(model, layout, dist.get_world_size() if dist.is_initialized() else 1)
     opt = ManifoldMuon(resolve(model, "hetero"))
-    for step in range(STEPS):
-        gen = torch.Generator().manual_seed(step)
-        for p in model.parameters():  # identical "all-reduced" gradients on every rank
-            grad = torch.randn(p.shape, generator=gen)
-            p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None) if shard else grad
-        opt.step()
+    with around_steps():
+        for step in range(STEPS):
+            gen = torch.Generator().manual_seed(step)
+            for p in model.parameters():  # identical "all-reduced" gradients on every rank
+                grad = torch.randn(p.shape, generator=gen)
+                p.grad = (grad if layout == "replicated" else
+                          distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None))
+            opt.step()
     return {k: whole(v).clone() for k, v in model.state_dict().items()}, opt
 
 
-def _worker(rank, world, port, out, shard=False, model_name="nanogpt"):
+def _worker(rank, world, port, out, layout="replicated", model_name="nanogpt"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        weights, opt = train_steps(shard, model_name)
+        whole_gathers = []   # DTensor.full_tensor calls in the steps: FSDP2 sends each owner its slice instead
+        full_tensor = DTensor.full_tensor
+
+        def counting(*args, **kwargs):
+            whole_gathers.append(1)
+            return full_tensor(*args, **kwargs)
+
+        weights, opt = train_steps(layout, model_name, lambda: mock.patch.object(DTensor, "full_tensor", counting))
         duals = {i: s["dual"] for i, s in enumerate(opt.state.values()) if "dual" in s}
         # FSDP2's point: each rank keeps only its rows of every momentum buffer
-        momentum_rows = [s["momentum_buffer"].to_local().shape[0] if shard else s["momentum_buffer"].shape[0]
-                         for s in opt.state.values() if "momentum_buffer" in s]
+        momentum_rows = [s["momentum_buffer"].to_local().shape[0] if layout != "replicated"
+                         else s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
         if rank == 0:
-            torch.save({"weights": weights, "duals": duals, "momentum_rows": momentum_rows}, out)
+            torch.save({"weights": weights, "duals": duals, "momentum_rows": momentum_rows,
+                        "whole_gathers": len(whole_gathers)}, out)
         # Leave together: a rank that tears gloo down while a peer still talks to it makes
         # the peer abort ("terminate called without an active exception", seen on CI-like runs).
         dist.barrier()
@@ -69,14 +90,18 @@ def test_owned_indices_cover_the_stack_once_in_order():
             assert flat[:k] == list(range(k)) and set(flat) == set(range(k))
 
 
-@pytest.mark.parametrize("world, fsdp, model_name", [(2, False, "nanogpt"), (3, False, "nanogpt"),
-                                                     (3, True, "nanogpt"), (3, True, "hf-gpt2")])
-def test_sharded_optimizer_matches_one_process(world, fsdp, model_name, tmp_path):
+@pytest.mark.parametrize("world, layout, model_name", [
+    (2, "replicated", "nanogpt"), (3, "replicated", "nanogpt"),
+    (2, "fsdp2", "nanogpt"),     # 3 matrices a stack on 2 ranks: the second owns one and a repeat
+    (3, "fsdp2", "nanogpt"), (3, "fsdp2", "hf-gpt2"),   # HF: 2 matrices a stack, the third rank a repeat
+    (4, "hsdp", "nanogpt")])
+def test_sharded_optimizer_matches_one_process(world, layout, model_name, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(world, port, str(out), fsdp, model_name), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, port, str(out), layout, model_name), nprocs=world,
+                       start_method="spawn")
     sharded = torch.load(out, weights_only=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as the ranks: another thread count sums the matmuls in another order
@@ -85,10 +110,11 @@ def test_sharded_optimizer_matches_one_process(world, fsdp, model_name, tmp_path
     finally:
         torch.set_num_threads(threads)
     full_rows = [s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
-    if fsdp:   # rank 0 holds the first ceil(rows / world) of each
-        assert sharded["momentum_rows"] == [-(-rows // world) for rows in full_rows]
-    else:
-        assert sharded["momentum_rows"] == full_rows
+    shards = {"replicated": 1, "fsdp2": world, "hsdp": world // 2}[layout]
+    # rank 0 holds the first ceil(rows / shards) of each
+    assert sharded["momentum_rows"] == [-(-rows // shards) for rows in full_rows]
+    # FSDP2 never gathers a whole stack (an all_to_all brings each rank its slice); HSDP does
+    assert (sharded["whole_gathers"] > 0) == (layout == "hsdp"), sharded["whole_gathers"]
     for k, v in single.items():
         torch.testing.assert_close(sharded["weights"][k], v, atol=1e-6, rtol=0, msg=k)
     # the carried multipliers were gathered too: every rank holds every matrix's dual

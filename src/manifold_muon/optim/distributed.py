@@ -10,12 +10,14 @@ all_gather of ``k`` matrices (``k * m * n`` floats received), instead of ``k`` s
 rank whose slice would be short repeats the last matrix rather than idle in a ragged
 collective; the duplicates are dropped after the gather.
 
-FSDP2 (``fully_shard``) and other DTensor parameters take the same path: the momenta and
-weights of a stack are gathered whole (``whole_stack``, one all_gather for them all, which
-receives ``2 * k * m * n`` floats more), the stack is split and solved as above, and each rank
-keeps its own shard of every result (``write_shard``, a local slice, no communication).  The
-momentum buffers stay sharded; the step holds one stack of same-shape matrices whole at a
-time, as DDP holds every matrix whole all the time.
+FSDP2 (``fully_shard``) and other DTensor parameters keep their momentum buffers sharded. Under
+FSDP2's layout (one mesh over every rank, weights cut by rows) one all_to_all sends each rank,
+whole, only the momenta and weights of the matrices it solves (``to_owners``), and after the
+solve another sends each rank its rows of every result (``from_owners``): a rank receives ``3 *
+ceil(k / W) * m * n`` floats, ``W`` times less than gathering whole stacks, and holds only its
+own matrices whole (improved mode's carried duals are gathered as under DDP). Other DTensor
+layouts (HSDP's 2D mesh, say) gather the stack whole (``whole_stack``, one collective), solve
+their slice as above and keep their shard of every result (``write_shard``, cut locally).
 """
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack", "write_shard"]
+__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack", "write_shard",
+           "shard_rows", "scatters", "to_owners", "from_owners"]
 
 if dist.is_available():
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 else:   # a build without torch.distributed has no DTensors either
-    DTensor, distribute_tensor = (), None
+    DTensor, Shard, distribute_tensor = (), None, None
 
 
 def world() -> tuple[int, int]:
@@ -83,3 +86,60 @@ def write_shard(p: torch.Tensor, value: torch.Tensor):
     every rank holds the same ``value``, so nothing is sent."""
     mine = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
     p.to_local().copy_(mine.to_local())
+
+
+def shard_rows(rows: int, world_size: int) -> list[int]:
+    """Each rank's row count of a tensor cut by rows (``Shard(0)``), as DTensor cuts it,
+    following ``torch.chunk``: ``ceil(rows / W)`` each, the last shards short or empty."""
+    size = math.ceil(rows / world_size)
+    return [max(0, min(size, rows - r * size)) for r in range(world_size)]
+
+
+def scatters(tensors: list) -> bool:
+    """Whether a stack can go to its owners by ``to_owners``: DTensors in FSDP2's layout, cut
+    by rows on one mesh that holds every rank in rank order (so ranks and owners agree)."""
+    first = tensors[0]
+    if not is_sharded(first):
+        return False
+    mesh = first.device_mesh
+    return (mesh.ndim == 1 and tuple(first.placements) == (Shard(0),)
+            and mesh.mesh.tolist() == list(range(world()[1]))
+            and all(is_sharded(t) and t.device_mesh == mesh and t.placements == first.placements for t in tensors))
+
+
+def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    recv = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
+    dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits)
+    return recv
+
+
+def to_owners(fields: list[list], rank: int, world_size: int) -> list[torch.Tensor]:
+    """For each field (a list of ``k`` same-shape DTensors cut by rows, e.g. the stack's momenta,
+    then its weights), the whole tensors of ``owned_indices(k, rank, W)``, stacked: one
+    all_to_all in which each rank sends every owner its rows of that owner's matrices."""
+    k, shape = len(fields[0]), fields[0][0].shape
+    chunk = math.ceil(k / world_size)
+    order = [i for r in range(world_size) for i in owned_indices(k, r, world_size)]   # owner-major
+    local = torch.stack([torch.stack([t.to_local() for t in field])[order] for field in fields])
+    # (fields, W * chunk, my rows, ...) -> owner-major (W, fields, chunk, my rows, ...)
+    local = local.unflatten(1, (world_size, chunk)).transpose(0, 1)
+    rows = shard_rows(shape[0], world_size)
+    per_row = len(fields) * chunk * math.prod(shape[1:])
+    recv = _all_to_all(local.flatten(), [per_row * rows[rank]] * world_size, [per_row * r for r in rows])
+    pieces = recv.split([per_row * r for r in rows])   # from each rank, its rows of my matrices
+    whole_rows = torch.cat([piece.view(len(fields), chunk, r, *shape[1:]) for piece, r in zip(pieces, rows)], dim=2)
+    return list(whole_rows.unbind(0))
+
+
+def from_owners(mine: torch.Tensor, params: list, rank: int, world_size: int):
+    """Write into each of the ``k`` row-cut DTensors ``params`` its own rows of its new value:
+    ``mine`` holds, whole and stacked, those of ``owned_indices(k, rank, W)`` (``to_owners``'
+    inverse: one all_to_all in which each owner sends every rank its rows)."""
+    k, shape = len(params), params[0].shape
+    rows = shard_rows(shape[0], world_size)
+    per_row = mine.shape[0] * math.prod(shape[1:])
+    send = torch.cat([part.flatten() for part in mine.split(rows, dim=1)])   # rank-major row blocks
+    recv = _all_to_all(send, [per_row * r for r in rows], [per_row * rows[rank]] * world_size)
+    # from each owner in turn its matrices' rows: the padded owner-major order, whose first k are 0..k-1
+    values = recv.view(world_size * mine.shape[0], rows[rank], *shape[1:])[:k].unbind(0)
+    torch._foreach_copy_([p.to_local() for p in params], list(values))

@@ -86,8 +86,9 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .compiling import compiled_graphs_limit, mark_compile_constants
-from .distributed import gather_slices, is_sharded, owned_indices, whole, whole_stack, world, write_shard
+from .distributed import from_owners, gather_slices, owned_indices, scatters, to_owners, whole, whole_stack, world
 from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
+from .layout import oriented, stored, write_matrices, write_oriented
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
 from .precision import MATMUL_PRECISIONS, float32_matmul_precision
@@ -135,42 +136,6 @@ def _lr_scale(adjust: str | None, shape: torch.Size) -> float:
     if adjust == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     return 1.0
-
-
-def _oriented(p: torch.Tensor, group) -> torch.Tensor:
-    """The weight as an ``(out, in)`` matrix, and a view of it, so that writing it writes the
-    weight: transposed for ``(in, out)`` storage, and a convolution's filters flattened to
-    ``(out, in * kernel size)``, the matrix the layer multiplies its input patches by (Keller
-    Jordan's Muon reads conv filters the same way)."""
-    if group["transposed"]:
-        return p.mT
-    if p.ndim == 2:
-        return p
-    if not p.is_contiguous():   # a flattening copy would take the update and drop it
-        raise ValueError(f"a {p.ndim}D weight of shape {tuple(p.shape)} must be contiguous to be read as a "
-                         "matrix (channels_last is not): keep the model's default memory format")
-    return p.view(p.shape[0], -1)
-
-
-def _write_oriented(p: torch.Tensor, value: torch.Tensor, group):
-    """Write the ``(out, in)`` matrix ``value`` into the weight ``p``, the inverse of reading
-    ``_oriented(whole(p), group)``; a DTensor (FSDP2) weight keeps its own shard of it."""
-    if not is_sharded(p):
-        _oriented(p, group).copy_(value)
-        return
-    full = torch.empty(p.shape, dtype=p.dtype, device=value.device)
-    _oriented(full, group).copy_(value)
-    write_shard(p, full)
-
-
-def _write_matrices(batch: list, values: list, group):
-    """``_write_oriented`` for a stack: plain weights in one foreach copy (one launch on a GPU)."""
-    plain = [i for i, p in enumerate(batch) if not is_sharded(p)]
-    if plain:
-        torch._foreach_copy_([_oriented(batch[i], group) for i in plain], [values[i] for i in plain])
-    for p, value in zip(batch, values):
-        if is_sharded(p):
-            _write_oriented(p, value, group)
 
 
 def _fill_missing_keys(optimizer: "ManifoldMuon"):
@@ -274,7 +239,7 @@ class ManifoldMuon(torch.optim.Optimizer):
         manifold = get_manifold(group["manifold"])
         if manifold.name != "none":
             for p in group["params"]:
-                _write_oriented(p, manifold.init(_oriented(whole(p), group)), group)
+                write_oriented(p, manifold.init(oriented(whole(p), group)), group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -317,8 +282,8 @@ class ManifoldMuon(torch.optim.Optimizer):
         manifold = get_manifold(group["manifold"])
         if manifold.name != "none":  # "wrap any optimizer": AdamW step, then retract
             for p in params:
-                w = _oriented(whole(p), group)
-                _write_oriented(p, manifold.decay_toward_bound(manifold.retract(w), group["lr"]), group)
+                w = oriented(whole(p), group)
+                write_oriented(p, manifold.decay_toward_bound(manifold.retract(w), group["lr"]), group)
 
     # ---- Muon and Manifold Muon ---------------------------------------------------------------
     def _momentum_directions(self, group, batch) -> list[torch.Tensor]:
@@ -345,15 +310,19 @@ class ManifoldMuon(torch.optim.Optimizer):
             by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
         rank, world_size = world()
         for batch in by_shape.values():
-            # every rank updates every momentum buffer (grads are identical after DDP; under FSDP2
-            # each rank its rows, then it gathers the whole momenta and weights, in one collective) ...
+            # Every rank updates every momentum buffer (grads are identical after DDP; under FSDP2
+            # each rank its rows) and solves only its slice of the stack, `mine` ...
             k = len(batch)
-            wholes = whole_stack([*self._momentum_directions(group, batch), *batch])
-            g_all = torch.stack([_oriented(d, group) for d in wholes[:k]])
-            # ... and solves only its slice of the stack; an all_gather shares the results.
             mine = owned_indices(k, rank, world_size)
-            g = g_all[mine]
-            w = torch.stack([_oriented(wholes[k + i], group) for i in mine])
+            directions = self._momentum_directions(group, batch)
+            scattered = scatters(batch)
+            if scattered:   # FSDP2: one all_to_all brings this rank the momenta and weights of its slice
+                g, w = (torch.stack([oriented(x, group) for x in field])
+                        for field in to_owners([directions, batch], rank, world_size))
+            else:   # replicated (DDP) or another DTensor layout, gathered whole in one collective
+                wholes = whole_stack([*directions, *batch])
+                g = torch.stack([oriented(wholes[i], group) for i in mine])
+                w = torch.stack([oriented(wholes[k + i], group) for i in mine])
             scale = lr * _lr_scale(group["adjust_lr"], w.shape)
             result, duals = None, None
             compiling = _compiles(group, manifold) and self.compile_error is None
@@ -384,8 +353,11 @@ class ManifoldMuon(torch.optim.Optimizer):
                 w = manifold.decay_toward_bound(manifold.retract(w), lr)
             if self.collect_stats:  # before the gather: each rank reports the matrices it solved
                 self._record_stats(group, [batch[i] for i in mine], manifold, g, a, w, result, compiled_gap)
-            w_all = gather_slices(w, k, world_size)
-            _write_matrices(batch, list(w_all.unbind(0)), group)
+            # ... then shares its results: each rank's rows of them (FSDP2), or all of them (all_gather).
+            if scattered:
+                from_owners(stored(w, batch[0], group), batch, rank, world_size)
+            else:
+                write_matrices(batch, list(gather_slices(w, k, world_size).unbind(0)), group)
             if duals is not None:
                 for p, dual in zip(batch, duals):
                     self.state[p]["dual"] = dual
