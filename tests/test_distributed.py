@@ -9,7 +9,9 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -38,22 +40,34 @@ def shard_model(model: torch.nn.Module, layout: str, world: int):
         fully_shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
 
 
+def sharded_model_and_optimizer(layout="replicated", model_name="nanogpt", seed=0):
+    torch.manual_seed(seed)
+    model = build_model(model_name)
+    shard_model(model, layout, dist.get_world_size() if dist.is_initialized() else 1)
+    return model, ManifoldMuon(resolve(model, "hetero"))
+
+
+def take_steps(model, opt, layout, steps):
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        for p in model.parameters():  # identical "all-reduced" gradients on every rank
+            grad = torch.randn(p.shape, generator=gen)
+            p.grad = (grad if layout == "replicated" else
+                      distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None))
+        opt.step()
+
+
+def whole_weights(model) -> dict:
+    return {k: whole(v).clone() for k, v in model.state_dict().items()}
+
+
 def train_steps(layout="replicated", model_name="nanogpt", around_steps=contextlib.nullcontext):
     """STEPS hetero steps on given gradients; under FSDP2 or HSDP (``fully_shard``) the weights,
     gradients and momentum buffers are DTensors split by rows."""
-    torch.manual_seed(0)
-    model = build_model(model_name)
-    shard_model(model, layout, dist.get_world_size() if dist.is_initialized() else 1)
-    opt = ManifoldMuon(resolve(model, "hetero"))
+    model, opt = sharded_model_and_optimizer(layout, model_name)
     with around_steps():
-        for step in range(STEPS):
-            gen = torch.Generator().manual_seed(step)
-            for p in model.parameters():  # identical "all-reduced" gradients on every rank
-                grad = torch.randn(p.shape, generator=gen)
-                p.grad = (grad if layout == "replicated" else
-                          distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None))
-            opt.step()
-    return {k: whole(v).clone() for k, v in model.state_dict().items()}, opt
+        take_steps(model, opt, layout, range(STEPS))
+    return whole_weights(model), opt
 
 
 def _worker(rank, world, port, out, layout="replicated", model_name="nanogpt"):
@@ -122,3 +136,42 @@ def test_sharded_optimizer_matches_one_process(world, layout, model_name, tmp_pa
     assert len(sharded["duals"]) == len(single_duals) > 0
     for a, b in zip(sharded["duals"].values(), single_duals):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def _checkpoint_worker(rank, world, port, out, checkpoint):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, opt = sharded_model_and_optimizer("fsdp2")
+        take_steps(model, opt, "fsdp2", range(3))
+        dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt))), checkpoint_id=checkpoint)
+        take_steps(model, opt, "fsdp2", range(3, 6))
+        continued = whole_weights(model)
+        fresh, fresh_opt = sharded_model_and_optimizer("fsdp2", seed=1)   # other weights until loaded
+        state = dict(zip(("model", "optim"), get_state_dict(fresh, fresh_opt)))
+        dcp.load(state, checkpoint_id=checkpoint)
+        set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        duals = sum("dual" in s for s in fresh_opt.state.values())
+        take_steps(fresh, fresh_opt, "fsdp2", range(3, 6))
+        resumed = whole_weights(fresh)   # a collective: every rank
+        if rank == 0:
+            torch.save({"continued": continued, "resumed": resumed, "duals": duals}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_optimizer_state_resumes_exactly_through_distributed_checkpoint(tmp_path):
+    """torch.distributed.checkpoint saves the sharded momenta and the carried duals, and a fresh
+    model and optimizer loaded from it take the same steps as the run that went on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_checkpoint_worker, args=(2, port, str(out), str(tmp_path / "ckpt")), nprocs=2,
+                       start_method="spawn")
+    result = torch.load(out, weights_only=True)
+    assert result["duals"] > 0
+    for k, v in result["continued"].items():
+        assert torch.equal(result["resumed"][k], v), k
