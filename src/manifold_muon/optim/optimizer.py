@@ -319,7 +319,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             if scattered:   # FSDP2: one all_to_all brings this rank the momenta and weights of its slice
                 g, w = (torch.stack([oriented(x, group) for x in field])
                         for field in to_owners([directions, batch], rank, world_size))
-            else:   # replicated (DDP) or another DTensor layout, gathered whole in one collective
+            else:   # replicated (DDP): whole already; another DTensor layout: gathered whole, one collective
                 wholes = whole_stack([*directions, *batch])
                 g = torch.stack([oriented(wholes[i], group) for i in mine])
                 w = torch.stack([oriented(wholes[k + i], group) for i in mine])
