@@ -14,10 +14,11 @@ FSDP2 (``fully_shard``) and other DTensor parameters keep their momentum buffers
 FSDP2's layout (one mesh over every rank, weights cut by rows) one all_to_all sends each rank,
 whole, only the momenta and weights of the matrices it solves (``to_owners``), and after the
 solve another sends each rank its rows of every result (``from_owners``): a rank receives ``3 *
-ceil(k / W) * m * n`` floats, ``W`` times less than gathering whole stacks, and holds only its
-own matrices whole (improved mode's carried duals are gathered as under DDP). Other DTensor
-layouts (HSDP's 2D mesh, say) gather the stack whole (``whole_stack``, one collective), solve
-their slice as above and keep their shard of every result (``write_shard``, cut locally).
+ceil(k / W) * m * n`` floats, against ``3 * k * m * n`` when gathering whole stacks (``W``
+times less where ``W`` divides ``k``), and holds only its own matrices whole (improved mode's
+carried duals are gathered as under DDP). Other DTensor layouts (HSDP's 2D mesh, say) gather
+the stack whole (``whole_stack``, one collective), solve their slice as above and keep their
+shard of every result (``write_shard``, cut locally).
 """
 from __future__ import annotations
 
