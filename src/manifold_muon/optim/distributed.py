@@ -75,11 +75,16 @@ def whole_stack(tensors: list) -> list:
     """``whole`` of each tensor: same-shape DTensors on one mesh and placement gathered in one
     collective (stacked, then gathered: one launch instead of one per tensor); plain tensors
     as they are."""
-    first = tensors[0]
-    if is_sharded(first) and all(is_sharded(t) and t.device_mesh == first.device_mesh
-                                 and t.placements == first.placements for t in tensors):
+    if _one_layout(tensors):
         return list(torch.stack(tensors).full_tensor().unbind(0))
     return [whole(t) for t in tensors]
+
+
+def _one_layout(tensors: list) -> bool:
+    """Whether all are DTensors on one mesh with one placement, so that they stack as one."""
+    first = tensors[0]
+    return all(is_sharded(t) and t.device_mesh == first.device_mesh and t.placements == first.placements
+               for t in tensors)
 
 
 def write_shard(p: torch.Tensor, value: torch.Tensor):
@@ -99,13 +104,10 @@ def shard_rows(rows: int, world_size: int) -> list[int]:
 def scatters(tensors: list) -> bool:
     """Whether a stack can go to its owners by ``to_owners``: DTensors in FSDP2's layout, cut
     by rows on one mesh that holds every rank in rank order (so ranks and owners agree)."""
-    first = tensors[0]
-    if not is_sharded(first):
+    if not _one_layout(tensors):
         return False
-    mesh = first.device_mesh
-    return (mesh.ndim == 1 and tuple(first.placements) == (Shard(0),)
-            and mesh.mesh.tolist() == list(range(world()[1]))
-            and all(is_sharded(t) and t.device_mesh == mesh and t.placements == first.placements for t in tensors))
+    mesh, placements = tensors[0].device_mesh, tensors[0].placements
+    return mesh.ndim == 1 and tuple(placements) == (Shard(0),) and mesh.mesh.tolist() == list(range(world()[1]))
 
 
 def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
