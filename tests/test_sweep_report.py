@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from manifold_muon.compare import build_comparison, compare_rows, differing_settings, run_config
+from manifold_muon.compare import build_comparison, code_versions, compare_rows, differing_settings, run_config
 from manifold_muon.config import config_to_dict, make_config
 from manifold_muon.analysis import sigma_max_curve
 from manifold_muon import resolve, save_allocation
@@ -249,9 +249,13 @@ def test_compare_puts_sweeps_that_differ_in_one_setting_side_by_side(data_dir, t
     assert dgram["sweeps"][1]["sigma_max"] > dgram["sweeps"][0]["sigma_max"]  # DGram columns grow faster at 15x
     text = path.read_text()
     assert "All runs were made by the same code" in text
+    (real,) = code_versions(sweeps[:1], [{"all-dgram-s1"}])[0]   # e.g. "006bdaf (torch 2.13.0+cpu, cpu)"
     env_path = sweeps[1] / "all-dgram-s2" / "env.json"
     env_path.write_text(json.dumps({**json.loads(env_path.read_text()), "git_sha": "0123456789abcdef"}))
-    assert "`lr-high`: 0123456 (torch" in build_comparison(sweeps, tmp_path / "cmp").read_text()
+    other = "0123456 " + real.split(" ", 1)[1]
+    # sorted, so that the test holds whatever the commit's own hash (006bdaf sorts before 0123456)
+    assert (f"`lr-low`: {real}; `lr-high`: {' + '.join(sorted([real, other]))}."
+            in build_comparison(sweeps, tmp_path / "cmp").read_text())
     assert "more than one version of the code" in (tmp_path / "cmp" / "compare.md").read_text()
     assert "differ in `muon_lr`" in text and "| all-dgram | improved | " in text and "](fig_compare.png)" in text
     assert (path.parent / "fig_compare.png").read_bytes()[:4] == b"\x89PNG"
