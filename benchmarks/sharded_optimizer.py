@@ -2,14 +2,17 @@
 
 Each rank runs one thread, so W ranks use W cores.  Expected per-rank cost for k same-shape
 matrices per stack: ceil(k / W) direction solves + the all_gather of k matrices, against k
-solves on one rank; the momentum update (elementwise) stays on every rank.  Three layouts of
+solves on one rank; the momentum update (elementwise) stays on every rank.  Four layouts of
 the weights, timed in alternating steps of one run:
 - ``replicated``, as under DDP;
 - ``fsdp2`` (``fully_shard`` on a 1D mesh: DTensors split by rows), whose step also sends each
   rank, by one all_to_all, the momenta and weights of the matrices it solves, another sends
   each rank its rows of the results, and which updates only its rows of the momentum;
-- ``hsdp`` (``fully_shard`` on a 2D mesh of 1 x W: the same shards as ``fsdp2``, but on the
-  path of layouts other than FSDP2's), which gathers each stack's momenta and weights whole.
+- ``hsdp`` (``fully_shard`` on a 2D mesh: 2 replicas, each cut by rows over W / 2 ranks; 1 x W
+  for odd W), whose all_to_all stays inside a replica, then an all_gather across replicas
+  gives each rank its rows of the other replica's results;
+- ``columns`` (``fully_shard`` on a 1D mesh, matrices cut by columns), on the path of layouts
+  that are not cut by rows: it gathers each stack's momenta and weights whole.
 Usage: python benchmarks/sharded_optimizer.py [--worlds 1,2] [--layouts replicated,fsdp2]
          [--layers 4] [--d 128] [--steps 5] [--mode improved]
 """
@@ -27,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from manifold_muon.bench import write_result
 from manifold_muon import ManifoldMuon, resolve
@@ -35,7 +38,7 @@ from manifold_muon.model import GPT, ModelConfig
 from manifold_muon.optim.distributed import is_sharded
 
 
-LAYOUTS = ("replicated", "fsdp2", "hsdp")
+LAYOUTS = ("replicated", "fsdp2", "hsdp", "columns")
 
 
 def _model_and_optimizer(args, layout: str, world: int):
@@ -44,7 +47,11 @@ def _model_and_optimizer(args, layout: str, world: int):
     if layout == "fsdp2":
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     elif layout == "hsdp":
-        fully_shard(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
+        replicas = 2 if world % 2 == 0 else 1
+        fully_shard(model, mesh=init_device_mesh("cpu", (replicas, world // replicas),
+                                                 mesh_dim_names=("replicate", "shard")))
+    elif layout == "columns":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=lambda p: Shard(p.ndim - 1))
     return model, ManifoldMuon(resolve(model, args.allocation, mode=args.mode))
 
 

@@ -87,14 +87,14 @@ def test_bf16_emulation_times_both_paths_and_refuses_an_unknown_mode(tmp_path):
 
 
 def test_sharded_optimizer_times_every_layout_at_every_world_size(tmp_path):
-    run_script("sharded_optimizer.py", "--worlds", "1,2", "--layouts", "replicated,fsdp2,hsdp", "--layers", "1",
+    run_script("sharded_optimizer.py", "--worlds", "1,2", "--layouts", "replicated,fsdp2,hsdp,columns", "--layers", "1",
                "--d", "16", "--steps", "1", "--mode", "fast", "--out", str(tmp_path))
-    (path,) = tmp_path.glob("sharded_optimizer_*_replicated-fsdp2-hsdp_fast_cpu.json")
+    (path,) = tmp_path.glob("sharded_optimizer_*_replicated-fsdp2-hsdp-columns_fast_cpu.json")
     medians = json.loads(path.read_text())["optimizer_ms_median"]
-    assert set(medians) == {"replicated", "fsdp2", "hsdp"}
+    assert set(medians) == {"replicated", "fsdp2", "hsdp", "columns"}
     assert all(set(by_world) == {"1", "2"} and min(by_world.values()) > 0 for by_world in medians.values())
     message = refusal(ROOT / "benchmarks" / "sharded_optimizer.py", "--layouts", "replicated,zero3", "--out", tmp_path)
-    assert "unknown layout 'zero3'; valid choices: replicated, fsdp2, hsdp" in message
+    assert "unknown layout 'zero3'; valid choices: replicated, fsdp2, hsdp, columns" in message
 
 
 def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):

@@ -1,6 +1,6 @@
 """Optimizer work shared across ranks (gloo, CPU processes) equals one process, with replicated
-weights (DDP) and with FSDP2-sharded ones (DTensors), cut by rows over every rank or, as HSDP
-does, over a 2D mesh."""
+weights (DDP) and with FSDP2-sharded ones (DTensors): cut by rows over every rank, as HSDP does
+over a 2D mesh, or cut by columns."""
 import contextlib
 import os
 import socket
@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from manifold_muon import ManifoldMuon, resolve
 from manifold_muon.optim.distributed import owned_indices, whole
@@ -33,9 +33,12 @@ def build_model(name: str) -> torch.nn.Module:
 
 def shard_model(model: torch.nn.Module, layout: str, world: int):
     """FSDP2 over every rank (16 rows over 3 ranks: uneven shards 6, 6 and 4; HF's 32: 11, 11
-    and 10), or HSDP: 2 replicas of a model cut in world / 2 (a 2D mesh)."""
+    and 10), its matrices cut by columns instead, or HSDP: 2 replicas of a model cut in world / 2
+    (a 2D mesh)."""
     if layout == "fsdp2":
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    elif layout == "columns":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=lambda p: Shard(p.ndim - 1))
     elif layout == "hsdp":
         fully_shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
 
@@ -108,7 +111,8 @@ def test_owned_indices_cover_the_stack_once_in_order():
     (2, "replicated", "nanogpt"), (3, "replicated", "nanogpt"),
     (2, "fsdp2", "nanogpt"),     # 3 matrices a stack on 2 ranks: the second owns one and a repeat
     (3, "fsdp2", "nanogpt"), (3, "fsdp2", "hf-gpt2"),   # HF: 2 matrices a stack, the third rank a repeat
-    (4, "hsdp", "nanogpt")])
+    (2, "columns", "nanogpt"),
+    (4, "hsdp", "nanogpt")])   # 3 matrices on 4 ranks: the second replica owns the third and a repeat
 def test_sharded_optimizer_matches_one_process(world, layout, model_name, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -124,11 +128,12 @@ def test_sharded_optimizer_matches_one_process(world, layout, model_name, tmp_pa
     finally:
         torch.set_num_threads(threads)
     full_rows = [s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
-    shards = {"replicated": 1, "fsdp2": world, "hsdp": world // 2}[layout]
+    shards = {"replicated": 1, "fsdp2": world, "columns": 1, "hsdp": world // 2}[layout]
     # rank 0 holds the first ceil(rows / shards) of each
     assert sharded["momentum_rows"] == [-(-rows // shards) for rows in full_rows]
-    # FSDP2 never gathers a whole stack (an all_to_all brings each rank its slice); HSDP does
-    assert (sharded["whole_gathers"] > 0) == (layout == "hsdp"), sharded["whole_gathers"]
+    # Cut by rows (FSDP2, HSDP), a stack is never gathered whole (an all_to_all brings each rank
+    # its slice); cut by columns it is
+    assert (sharded["whole_gathers"] > 0) == (layout == "columns"), sharded["whole_gathers"]
     for k, v in single.items():
         torch.testing.assert_close(sharded["weights"][k], v, atol=1e-6, rtol=0, msg=k)
     # the carried multipliers were gathered too: every rank holds every matrix's dual

@@ -16,9 +16,12 @@ whole, only the momenta and weights of the matrices it solves (``to_owners``), a
 solve another sends each rank its rows of every result (``from_owners``): a rank receives ``3 *
 ceil(k / W) * m * n`` floats, against ``3 * k * m * n`` when gathering whole stacks (``W``
 times less where ``W`` divides ``k``), and holds only its own matrices whole (improved mode's
-carried duals are gathered as under DDP). Other DTensor layouts (HSDP's 2D mesh, say) gather
-the stack whole (``whole_stack``, one collective), solve their slice as above and keep their
-shard of every result (``write_shard``, cut locally).
+carried duals are gathered as under DDP).  HSDP's layout (a 2D mesh of ``R`` replicas, each cut
+by rows over ``S = W / R`` ranks) takes the same path inside each replica, for the matrices its
+``S`` ranks own, then an all_gather across replicas gives each rank its rows of the rest:
+about ``3 * ceil(k / W) * m * n + k * m * n / S`` floats received.  Other DTensor layouts (cut by
+columns, say) gather the stack whole (``whole_stack``, one collective), solve their slice as
+above and keep their shard of every result (``write_shard``, cut locally).
 """
 from __future__ import annotations
 
@@ -49,14 +52,15 @@ def owned_indices(k: int, rank: int, world_size: int) -> list[int]:
     return [min(i, k - 1) for i in range(rank * chunk, (rank + 1) * chunk)]
 
 
-def gather_slices(local: torch.Tensor, k: int, world_size: int) -> torch.Tensor:
-    """Every rank's ``local`` slice (same shape on each), concatenated in rank order, first ``k``."""
+def gather_slices(local: torch.Tensor, k: int, world_size: int, group=None) -> torch.Tensor:
+    """Every rank's ``local`` slice (same shape on each), concatenated in rank order, first ``k``;
+    over ``group`` (of ``world_size`` ranks) where given, else over every rank."""
     if world_size == 1:
         return local[:k]
     out = torch.empty((world_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
     # PyTorch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; 2.11 has only the old name.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, local.contiguous())
+    gather(out, local.contiguous(), group=group)
     return out[:k]
 
 
@@ -102,47 +106,65 @@ def shard_rows(rows: int, world_size: int) -> list[int]:
 
 
 def scatters(tensors: list) -> bool:
-    """Whether a stack can go to its owners by ``to_owners``: DTensors in FSDP2's layout, cut
-    by rows on one mesh that holds every rank in rank order (so ranks and owners agree)."""
+    """Whether a stack can go to its owners by ``to_owners``: DTensors on one mesh that holds
+    every rank in rank order (so ranks and owners agree), cut by rows over its last dimension and
+    replicated over any before it: FSDP2's 1D mesh, or HSDP's 2D one."""
     if not _one_layout(tensors):
         return False
-    mesh, placements = tensors[0].device_mesh, tensors[0].placements
-    return mesh.ndim == 1 and tuple(placements) == (Shard(0),) and mesh.mesh.tolist() == list(range(world()[1]))
+    mesh, placements = tensors[0].device_mesh, tuple(tensors[0].placements)
+    return (mesh.ndim <= 2 and placements[-1] == Shard(0) and all(p.is_replicate() for p in placements[:-1])
+            and mesh.mesh.flatten().tolist() == list(range(world()[1])))
 
 
-def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+def _replica_and_shard(mesh, rank: int) -> tuple[int, int, int]:
+    """``(shards S, this rank's replica, its shard)`` on a ``scatters`` mesh: rank = replica * S + shard."""
+    shards = mesh.size(mesh.ndim - 1)
+    return (shards, *divmod(rank, shards))
+
+
+def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
     recv = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
-    dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits)
+    dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=group)
     return recv
 
 
 def to_owners(fields: list[list], rank: int, world_size: int) -> list[torch.Tensor]:
-    """For each field (a list of ``k`` same-shape DTensors cut by rows, e.g. the stack's momenta,
-    then its weights), the whole tensors of ``owned_indices(k, rank, W)``, stacked: one
-    all_to_all in which each rank sends every owner its rows of that owner's matrices."""
-    k, shape = len(fields[0]), fields[0][0].shape
+    """For each field (a list of ``k`` same-shape DTensors on a ``scatters`` layout, e.g. the
+    stack's momenta, then its weights), the whole tensors of ``owned_indices(k, rank, W)``,
+    stacked: one all_to_all among the ``S`` ranks of this rank's replica, in which each sends
+    every owner there its rows of that owner's matrices."""
+    k, shape, mesh = len(fields[0]), fields[0][0].shape, fields[0][0].device_mesh
+    shards, replica, shard = _replica_and_shard(mesh, rank)
     chunk = math.ceil(k / world_size)
     order = [i for r in range(world_size) for i in owned_indices(k, r, world_size)]   # owner-major
-    local = torch.stack([torch.stack([t.to_local() for t in field])[order] for field in fields])
-    # (fields, W * chunk, my rows, ...) -> owner-major (W, fields, chunk, my rows, ...)
-    local = local.unflatten(1, (world_size, chunk)).transpose(0, 1)
-    rows = shard_rows(shape[0], world_size)
+    ours = order[replica * shards * chunk:(replica + 1) * shards * chunk]   # owned in this replica
+    local = torch.stack([torch.stack([t.to_local() for t in field])[ours] for field in fields])
+    # (fields, S * chunk, my rows, ...) -> owner-major (S, fields, chunk, my rows, ...)
+    local = local.unflatten(1, (shards, chunk)).transpose(0, 1)
+    rows = shard_rows(shape[0], shards)
     per_row = len(fields) * chunk * math.prod(shape[1:])
-    recv = _all_to_all(local.flatten(), [per_row * rows[rank]] * world_size, [per_row * r for r in rows])
-    pieces = recv.split([per_row * r for r in rows])   # from each rank, its rows of my matrices
+    recv = _all_to_all(local.flatten(), [per_row * rows[shard]] * shards, [per_row * r for r in rows],
+                       mesh.get_group(mesh.ndim - 1))
+    pieces = recv.split([per_row * r for r in rows])   # from each shard, its rows of my matrices
     whole_rows = torch.cat([piece.view(len(fields), chunk, r, *shape[1:]) for piece, r in zip(pieces, rows)], dim=2)
     return list(whole_rows.unbind(0))
 
 
 def from_owners(mine: torch.Tensor, params: list, rank: int, world_size: int):
-    """Write into each of the ``k`` row-cut DTensors ``params`` its own rows of its new value:
-    ``mine`` holds, whole and stacked, those of ``owned_indices(k, rank, W)`` (``to_owners``'
-    inverse: one all_to_all in which each owner sends every rank its rows)."""
-    k, shape = len(params), params[0].shape
-    rows = shard_rows(shape[0], world_size)
+    """Write into each of the ``k`` DTensors ``params`` (a ``scatters`` layout) its own rows of
+    its new value: ``mine`` holds, whole and stacked, those of ``owned_indices(k, rank, W)``
+    (``to_owners``' inverse: an all_to_all in which each owner sends every rank of its replica
+    its rows, then, with replicas, an all_gather of those rows across them)."""
+    k, shape, mesh = len(params), params[0].shape, params[0].device_mesh
+    shards, replica, shard = _replica_and_shard(mesh, rank)
+    rows = shard_rows(shape[0], shards)
     per_row = mine.shape[0] * math.prod(shape[1:])
-    send = torch.cat([part.flatten() for part in mine.split(rows, dim=1)])   # rank-major row blocks
-    recv = _all_to_all(send, [per_row * r for r in rows], [per_row * rows[rank]] * world_size)
-    # from each owner in turn its matrices' rows: the padded owner-major order, whose first k are 0..k-1
-    values = recv.view(world_size * mine.shape[0], rows[rank], *shape[1:])[:k].unbind(0)
-    torch._foreach_copy_([p.to_local() for p in params], list(values))
+    send = torch.cat([part.flatten() for part in mine.split(rows, dim=1)])   # shard-major row blocks
+    recv = _all_to_all(send, [per_row * r for r in rows], [per_row * rows[shard]] * shards,
+                       mesh.get_group(mesh.ndim - 1))
+    # from each owner of this replica in turn its matrices' rows; then every replica's, in owner order
+    ours = recv.view(shards * mine.shape[0], rows[shard], *shape[1:])
+    replicas = world_size // shards
+    every = gather_slices(ours, replicas * len(ours), replicas, mesh.get_group(0) if replicas > 1 else None)
+    # the padded owner-major order, whose first k are 0..k-1
+    torch._foreach_copy_([p.to_local() for p in params], list(every[:k].unbind(0)))
