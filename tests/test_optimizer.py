@@ -143,6 +143,45 @@ def test_step_never_writes_gradients_and_closure_returns_loss():
     assert loss.item() > 0
 
 
+def optimizer_tensors(opt) -> list[torch.Tensor]:
+    """Copies of every tensor in the optimizer's state (momenta, duals, Adam moments, steps)."""
+    return [v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+def test_amp_grad_scaler_unscales_before_the_step_and_skips_a_step_with_an_inf_gradient():
+    """fp16 training's GradScaler drives ManifoldMuon as any optimizer: the scaled run takes the
+    unscaled run's steps, and a step whose gradients overflowed is skipped whole (weights,
+    momenta and carried duals untouched) while the scale backs off."""
+    batches = markov_batches(steps=3)
+
+    def train(scaler, overflow_at=None):
+        torch.manual_seed(0)
+        model = TinyGPT()
+        opt = ManifoldMuon(resolve(model, "hetero", dual_steps=5))   # few: quick; duals still carried
+        before = []
+        for step, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())).backward()
+            if step == overflow_at:
+                model.transformer.h[0].attn.c_attn.weight.grad[0, 0] = float("inf")
+            before.append(({k: v.clone() for k, v in model.state_dict().items()}, optimizer_tensors(opt)))
+            scaler.step(opt)
+            scaler.update()
+        return model.state_dict(), opt, before
+
+    _, _, plain = train(torch.amp.GradScaler("cpu", enabled=False))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    skipped, opt, scaled = train(scaler, overflow_at=2)
+    for (plain_weights, _), (scaled_weights, _) in zip(plain, scaled):   # before steps 0, 1 and 2
+        for k, v in plain_weights.items():
+            torch.testing.assert_close(scaled_weights[k], v, atol=1e-5, rtol=0, msg=k)
+    assert scaler.get_scale() == 2.0 ** 11
+    weights, state = scaled[2]
+    assert all(torch.equal(skipped[k], v) for k, v in weights.items())
+    now = optimizer_tensors(opt)
+    assert len(now) == len(state) > 0 and all(torch.equal(a, b) for a, b in zip(now, state))
+
+
 def test_lr_schedulers_drive_every_group():
     model = TinyGPT()
     opt = ManifoldMuon(resolve(model, "hetero"))
