@@ -43,16 +43,16 @@ def shard_model(model: torch.nn.Module, layout: str, world: int):
         fully_shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
 
 
-def sharded_model_and_optimizer(layout="replicated", model_name="nanogpt", seed=0):
+def sharded_model_and_optimizer(layout="replicated", model_name="nanogpt", seed=0, process_group=None, **overrides):
     torch.manual_seed(seed)
     model = build_model(model_name)
     shard_model(model, layout, dist.get_world_size() if dist.is_initialized() else 1)
-    return model, ManifoldMuon(resolve(model, "hetero"))
+    return model, ManifoldMuon(resolve(model, "hetero", **overrides), process_group=process_group)
 
 
-def take_steps(model, opt, layout, steps):
+def take_steps(model, opt, layout, steps, data_seed=0):
     for step in steps:
-        gen = torch.Generator().manual_seed(step)
+        gen = torch.Generator().manual_seed(1000 * data_seed + step)
         for p in model.parameters():  # identical "all-reduced" gradients on every rank
             grad = torch.randn(p.shape, generator=gen)
             p.grad = (grad if layout == "replicated" else
@@ -180,3 +180,63 @@ def test_fsdp2_optimizer_state_resumes_exactly_through_distributed_checkpoint(tm
     assert result["duals"] > 0
     for k, v in result["continued"].items():
         assert torch.equal(result["resumed"][k], v), k
+
+
+def _groups_worker(rank, world, port, out_dir):
+    """Two pipeline-like stages of 2 ranks, each stage its own gradients: data parallel within a
+    stage (``process_group``), replicated and under FSDP2 on the stage's sub-mesh; then every rank
+    on its own (``new_subgroups(1)``); then different gradients on the default group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        stage = rank // 2
+        stage_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("stage", "dp"))["dp"]
+        results = {}
+        for layout in ("replicated", "fsdp2"):
+            torch.manual_seed(0)
+            model = build_model("nanogpt")
+            if layout == "fsdp2":
+                fully_shard(model, mesh=stage_mesh)
+            opt = ManifoldMuon(resolve(model, "hetero", mode="fast"), process_group=stage_mesh.get_group())
+            with mock.patch.object(DTensor, "full_tensor", side_effect=AssertionError("gathered whole")):
+                take_steps(model, opt, layout, range(STEPS), data_seed=stage)   # the sub-mesh's all_to_all
+            results[layout] = whole_weights(model)
+        own_group, _ = dist.new_subgroups(1)
+        model, opt = sharded_model_and_optimizer(mode="fast", process_group=own_group)
+        take_steps(model, opt, "replicated", range(STEPS), data_seed=rank)
+        results["own"] = whole_weights(model)
+        model, opt = sharded_model_and_optimizer(mode="fast")
+        try:
+            take_steps(model, opt, "replicated", range(1), data_seed=rank)
+        except RuntimeError as e:
+            results["refused"] = str(e)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_the_work_only_within_their_process_group_and_differing_gradients_are_refused(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_groups_worker, args=(4, port, str(tmp_path)), nprocs=4, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = {}
+        for seed in range(4):
+            model, opt = sharded_model_and_optimizer(mode="fast")
+            take_steps(model, opt, "replicated", range(STEPS), data_seed=seed)
+            single[seed] = whole_weights(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(single[0]["lm_head.weight"], single[1]["lm_head.weight"])
+    for rank, result in enumerate(ranks):
+        for run, seed in (("replicated", rank // 2), ("fsdp2", rank // 2), ("own", rank)):
+            for k, v in single[seed].items():
+                torch.testing.assert_close(result[run][k], v, atol=1e-6, rtol=0, msg=f"rank {rank}, {run}: {k}")
+        assert "differs across them" in result["refused"] and "process_group" in result["refused"]
+        assert "transformer.h.0." in result["refused"]   # names the first Muon matrix

@@ -30,8 +30,8 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack", "write_shard",
-           "shard_rows", "scatters", "to_owners", "from_owners"]
+__all__ = ["world", "check_ranks_agree", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack",
+           "write_shard", "shard_rows", "scatters", "to_owners", "from_owners"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -39,11 +39,38 @@ else:   # a build without torch.distributed has no DTensors either
     DTensor, Shard, distribute_tensor = (), None, None
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` outside torch.distributed."""
+def world(group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` within ``group`` (default: every rank); ``(0, 1)`` outside
+    torch.distributed."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def check_ranks_agree(named_grads: list, group=None):
+    """Raise unless every rank of ``group`` holds the same plain gradients ``named_grads`` (pairs
+    of name and gradient or None): sharing the matrix work assumes so, as data parallelism makes
+    them, and otherwise mixes ranks' results silently.  One all_reduce of a fingerprint of each
+    (its sum, against the largest sum of magnitudes; a missing gradient as a sentinel)."""
+    world_size = world(group)[1]
+    if world_size == 1 or not named_grads:
+        return
+    device = next((g.device for _, g in named_grads if g is not None), torch.device("cpu"))
+    missing = torch.tensor(1e300, dtype=torch.float64, device=device)
+    sums = torch.stack([g.double().sum() if g is not None else missing for _, g in named_grads])
+    sizes = torch.stack([g.double().abs().sum() if g is not None else missing.new_zeros(()) for _, g in named_grads])
+    both = torch.cat([sums, -sums, sizes])   # one MAX all_reduce: the largest, minus the smallest, the size
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    largest, neg_smallest, size = both.view(3, -1)
+    differs = ((largest + neg_smallest) > 1e-6 * size).nonzero().flatten().tolist()   # the same on every rank
+    if differs:
+        raise RuntimeError(
+            f"ManifoldMuon shares its matrix work across the {world_size} ranks of its process group, which "
+            f"assumes they all hold the same gradients, as data parallelism (DDP's all-reduce) makes them; at "
+            f"this first step the gradient of {named_grads[differs[0]][0]} differs across them. Wrap the model "
+            "in DDP or fully_shard, or pass ManifoldMuon(..., process_group=...) the ranks that do share "
+            "gradients (a pipeline stage's data-parallel group, say), or "
+            "torch.distributed.new_subgroups(1)[0] where every rank trains on its own")
 
 
 def owned_indices(k: int, rank: int, world_size: int) -> list[int]:
@@ -105,15 +132,17 @@ def shard_rows(rows: int, world_size: int) -> list[int]:
     return [max(0, min(size, rows - r * size)) for r in range(world_size)]
 
 
-def scatters(tensors: list) -> bool:
+def scatters(tensors: list, group=None) -> bool:
     """Whether a stack can go to its owners by ``to_owners``: DTensors on one mesh that holds
-    every rank in rank order (so ranks and owners agree), cut by rows over its last dimension and
-    replicated over any before it: FSDP2's 1D mesh, or HSDP's 2D one."""
+    the ranks of ``group`` (default: every rank) in their order (so ranks and owners agree), cut
+    by rows over its last dimension and replicated over any before it: FSDP2's 1D mesh, or
+    HSDP's 2D one."""
     if not _one_layout(tensors):
         return False
     mesh, placements = tensors[0].device_mesh, tuple(tensors[0].placements)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world()[1]))
     return (mesh.ndim <= 2 and placements[-1] == Shard(0) and all(p.is_replicate() for p in placements[:-1])
-            and mesh.mesh.flatten().tolist() == list(range(world()[1])))
+            and mesh.mesh.flatten().tolist() == ranks)
 
 
 def _replica_and_shard(mesh, rank: int) -> tuple[int, int, int]:

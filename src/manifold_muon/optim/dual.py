@@ -69,7 +69,7 @@ from .nuclear_dual import GramDual, MatrixDual, batch_dot
 from .precision import library_matmul_precision, low_precision_compute
 
 __all__ = ["manifold_direction", "solve_direction", "DirectionResult", "DIRECTION_MODES", "DUAL_FORMS",
-           "default_msign_dtype", "check_dual_form",
+           "default_msign_dtype", "check_dual_form", "stack_stats",
            "alignment", "repaired_alignment", "spectral_norm", "spectral_norm_estimate", "singular_values"]
 
 DIRECTION_MODES = ("paper", "fast", "improved")   # the reference, then by cost
@@ -357,3 +357,23 @@ def manifold_direction(W, G, manifold, *, mode: str = "improved", steps=None, al
     docstring for the two modes.
     """
     return solve_direction(W, G, manifold, mode=mode, steps=steps, alpha=alpha, tol=tol, **kwargs).direction
+
+
+def stack_stats(manifold: Manifold, g, a, w, result: DirectionResult | None, compiled_gap=None) -> list[dict]:
+    """Health statistics of one stepped stack, one dict per matrix: the alignment of the
+    direction ``a`` with the momentum ``g`` as returned and made feasible, the momentum's
+    spectral norm, the new weight ``w``'s manifold residual, the solve's tangent violations
+    (``result``; None for plain Muon and compiled directions) and ``compiled_gap``."""
+    align = alignment(g, a)
+    # made feasible (tangent, norm 1): comparable across modes, paper mode's included
+    repaired = repaired_alignment(manifold, result.weight, g, a) if result is not None else align
+    momentum_norm, residual = spectral_norm(g.float()), manifold.residual(w.float())
+    stats = []
+    for i in range(len(g)):
+        stats.append({"manifold": manifold.name, "alignment": align[i].item(), "momentum_norm": momentum_norm[i].item(),
+                      "alignment_repaired": repaired[i].item(), "residual": residual[i].item(),
+                      "violation_start": result.violation_start[i].item() if result is not None else 0.0,
+                      "violation_end": result.violation_end[i].item() if result is not None else 0.0})
+        if compiled_gap is not None:
+            stats[-1]["compiled_alignment_gap"] = compiled_gap[i].item()
+    return stats

@@ -66,6 +66,10 @@ weights are already there, e.g. right before loading a checkpoint.
 
 The optimizer never writes to ``p.grad``.
 
+Under torch.distributed the ranks of ``process_group`` (default: every rank) share Muon's
+matrix work (:mod:`~manifold_muon.optim.distributed`), which assumes they hold the same
+gradients, as data parallelism makes them; the first step checks that they do.
+
 Health statistics: set ``opt.collect_stats = True`` before a step and ``opt.stats`` holds,
 per Muon-managed matrix (keyed by its name when the group has ``names``), the tangent
 violation of the warm start and of the final direction, the alignment
@@ -86,8 +90,9 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .compiling import compiled_graphs_limit, mark_compile_constants
-from .distributed import from_owners, gather_slices, owned_indices, scatters, to_owners, whole, whole_stack, world
-from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, repaired_alignment, solve_direction, spectral_norm
+from .distributed import (check_ranks_agree, from_owners, gather_slices, is_sharded, owned_indices, scatters,
+                          to_owners, whole, whole_stack, world)
+from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, solve_direction, stack_stats
 from .layout import oriented, stored, write_matrices, write_oriented
 from .manifolds import get_manifold
 from .msign import MSIGN_METHODS, msign
@@ -175,11 +180,13 @@ def _msign_dtype(group) -> torch.dtype:
 class ManifoldMuon(torch.optim.Optimizer):
     """Muon, Manifold Muon and AdamW, chosen per param group (see the module docstring)."""
 
-    def __init__(self, params, *, project_init: bool = True, **defaults):
+    def __init__(self, params, *, project_init: bool = True, process_group=None, **defaults):
         unknown = set(defaults) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown ManifoldMuon option(s) {sorted(unknown)}; valid: {', '.join(DEFAULTS)}")
         self.project_init = project_init   # read by add_param_group, which torch's constructor calls
+        self.process_group = process_group   # the ranks that share the matrix work; None: every rank
+        self._ranks_checked = False
         super().__init__(params, {**DEFAULTS, **defaults})  # each group passes through add_param_group
         self.register_load_state_dict_post_hook(_fill_missing_keys)
         self.collect_stats = False
@@ -248,6 +255,9 @@ class ManifoldMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._ranks_checked:
+            check_ranks_agree(self._plain_muon_gradients(), self.process_group)
+            self._ranks_checked = True
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -259,6 +269,15 @@ class ManifoldMuon(torch.optim.Optimizer):
                 else:
                     self._muon(group, params)
         return loss
+
+    def _plain_muon_gradients(self) -> list[tuple[str, torch.Tensor | None]]:
+        """(name, gradient) of every replicated (not DTensor) Muon matrix: what ranks share."""
+        named = []
+        for i, group in enumerate(self.param_groups):
+            names = group.get("names") or [f"parameter {j} of group {i}" for j in range(len(group["params"]))]
+            named += [(name, p.grad) for name, p in zip(names, group["params"])
+                      if group["algorithm"] == "muon" and not is_sharded(p)]
+        return named
 
     # ---- AdamW: torch's own functional implementation ----------------------------------------
     def _adamw(self, group, params):
@@ -308,14 +327,14 @@ class ManifoldMuon(torch.optim.Optimizer):
         by_shape = defaultdict(list)  # batch same-shape matrices through one solve
         for p in params:
             by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
-        rank, world_size = world()
+        rank, world_size = world(self.process_group)
         for batch in by_shape.values():
             # Every rank updates every momentum buffer (grads are identical after DDP; under FSDP2
             # each rank its rows) and solves only its slice of the stack, `mine` ...
             k = len(batch)
             mine = owned_indices(k, rank, world_size)
             directions = self._momentum_directions(group, batch)
-            scattered = scatters(batch)
+            scattered = scatters(batch, self.process_group)
             if scattered:   # FSDP2: one all_to_all brings this rank the momenta and weights of its slice
                 g, w = (torch.stack([oriented(x, group) for x in field])
                         for field in to_owners([directions, batch], rank, world_size))
@@ -339,7 +358,7 @@ class ManifoldMuon(torch.optim.Optimizer):
                                          dtype=_msign_dtype(group))
                 a = result.direction
                 if carry:
-                    duals = gather_slices(result.dual.to(w.dtype), k, world_size)
+                    duals = gather_slices(result.dual.to(w.dtype), k, world_size, self.process_group)
             else:
                 a = stack_direction(w, g, manifold, group["mode"], group["msign_method"], group["msign_steps"],
                                     _msign_dtype(group))
@@ -357,7 +376,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             if scattered:
                 from_owners(stored(w, batch[0], group), batch, rank, world_size)
             else:
-                write_matrices(batch, list(gather_slices(w, k, world_size).unbind(0)), group)
+                write_matrices(batch, list(gather_slices(w, k, world_size, self.process_group).unbind(0)), group)
             if duals is not None:
                 for p, dual in zip(batch, duals):
                     self.state[p]["dual"] = dual
@@ -384,16 +403,5 @@ class ManifoldMuon(torch.optim.Optimizer):
 
     def _record_stats(self, group, batch, manifold, g, a, w, result, compiled_gap=None):
         names = dict(zip(map(id, group["params"]), group.get("names", [])))
-        align = alignment(g, a)
-        # made feasible (tangent, norm 1): comparable across modes, paper mode's included
-        repaired = repaired_alignment(manifold, result.weight, g, a) if result is not None else align
-        momentum_norm = spectral_norm(g.float())
-        residual = manifold.residual(w.float())
-        for i, p in enumerate(batch):
-            stats = self.stats[names.get(id(p), f"param{id(p)}")] = {
-                "manifold": manifold.name, "alignment": align[i].item(), "momentum_norm": momentum_norm[i].item(),
-                "alignment_repaired": repaired[i].item(), "residual": residual[i].item(),
-                "violation_start": result.violation_start[i].item() if result is not None else 0.0,
-                "violation_end": result.violation_end[i].item() if result is not None else 0.0}
-            if compiled_gap is not None:
-                stats["compiled_alignment_gap"] = compiled_gap[i].item()
+        for p, stats in zip(batch, stack_stats(manifold, g, a, w, result, compiled_gap)):
+            self.stats[names.get(id(p), f"param{id(p)}")] = stats
