@@ -2,8 +2,10 @@
 weights (DDP) and with FSDP2-sharded ones (DTensors): cut by rows over every rank, as HSDP does
 over a 2D mesh, or cut by columns."""
 import contextlib
+import gc
 import os
 import socket
+import sys
 from unittest import mock
 
 import pytest
@@ -64,6 +66,37 @@ def whole_weights(model) -> dict:
     return {k: whole(v).clone() for k, v in model.state_dict().items()}
 
 
+def _rank_main(rank, world, port, body, args):
+    """One gloo rank: ``body(rank, world, *args)``, then leave together and skip the interpreter's
+    teardown."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        body(rank, world, *args)
+        # Leave together: a rank that tears gloo down while a peer still talks to it makes
+        # the peer abort ("terminate called without an active exception", seen on CI-like runs).
+        dist.barrier()
+    finally:
+        gc.collect()   # the body's DTensors, whose device meshes hold process groups, go first
+        dist.destroy_process_group()
+    # Every result is on disk; skip the interpreter's finalization, where gloo objects the
+    # collection missed would be destroyed. Even with the barrier a rank still aborted now and
+    # then at the end of a run (SIGABRT, "terminate called without an active exception", once
+    # in a fresh-clone CI run on 2026-12-07; not reproduced in 60 tries under load).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_ranks(body, world: int, *args):
+    """``body(rank, world, *args)`` on ``world`` gloo processes (spawned, one thread each)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_rank_main, args=(world, port, body, args), nprocs=world, start_method="spawn")
+
+
 def train_steps(layout="replicated", model_name="nanogpt", around_steps=contextlib.nullcontext):
     """STEPS hetero steps on given gradients; under FSDP2 or HSDP (``fully_shard``) the weights,
     gradients and momentum buffers are DTensors split by rows."""
@@ -73,31 +106,22 @@ def train_steps(layout="replicated", model_name="nanogpt", around_steps=contextl
     return whole_weights(model), opt
 
 
-def _worker(rank, world, port, out, layout="replicated", model_name="nanogpt"):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        whole_gathers = []   # DTensor.full_tensor calls in the steps: FSDP2 sends each owner its slice instead
-        full_tensor = DTensor.full_tensor
+def _sharded_steps(rank, world, out, layout="replicated", model_name="nanogpt"):
+    whole_gathers = []   # DTensor.full_tensor calls in the steps: FSDP2 sends each owner its slice instead
+    full_tensor = DTensor.full_tensor
 
-        def counting(*args, **kwargs):
-            whole_gathers.append(1)
-            return full_tensor(*args, **kwargs)
+    def counting(*args, **kwargs):
+        whole_gathers.append(1)
+        return full_tensor(*args, **kwargs)
 
-        weights, opt = train_steps(layout, model_name, lambda: mock.patch.object(DTensor, "full_tensor", counting))
-        duals = {i: s["dual"] for i, s in enumerate(opt.state.values()) if "dual" in s}
-        # FSDP2's point: each rank keeps only its rows of every momentum buffer
-        momentum_rows = [s["momentum_buffer"].to_local().shape[0] if layout != "replicated"
-                         else s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
-        if rank == 0:
-            torch.save({"weights": weights, "duals": duals, "momentum_rows": momentum_rows,
-                        "whole_gathers": len(whole_gathers)}, out)
-        # Leave together: a rank that tears gloo down while a peer still talks to it makes
-        # the peer abort ("terminate called without an active exception", seen on CI-like runs).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    weights, opt = train_steps(layout, model_name, lambda: mock.patch.object(DTensor, "full_tensor", counting))
+    duals = {i: s["dual"] for i, s in enumerate(opt.state.values()) if "dual" in s}
+    # FSDP2's point: each rank keeps only its rows of every momentum buffer
+    momentum_rows = [s["momentum_buffer"].to_local().shape[0] if layout != "replicated"
+                     else s["momentum_buffer"].shape[0] for s in opt.state.values() if "momentum_buffer" in s]
+    if rank == 0:
+        torch.save({"weights": weights, "duals": duals, "momentum_rows": momentum_rows,
+                    "whole_gathers": len(whole_gathers)}, out)
 
 
 def test_owned_indices_cover_the_stack_once_in_order():
@@ -114,12 +138,8 @@ def test_owned_indices_cover_the_stack_once_in_order():
     (2, "columns", "nanogpt"),
     (4, "hsdp", "nanogpt")])   # 3 matrices on 4 ranks: the second replica owns the third and a repeat
 def test_sharded_optimizer_matches_one_process(world, layout, model_name, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(world, port, str(out), layout, model_name), nprocs=world,
-                       start_method="spawn")
+    run_ranks(_sharded_steps, world, str(out), layout, model_name)
     sharded = torch.load(out, weights_only=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as the ranks: another thread count sums the matmuls in another order
@@ -143,85 +163,64 @@ def test_sharded_optimizer_matches_one_process(world, layout, model_name, tmp_pa
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def _checkpoint_worker(rank, world, port, out, checkpoint):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, opt = sharded_model_and_optimizer("fsdp2")
-        take_steps(model, opt, "fsdp2", range(3))
-        dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt))), checkpoint_id=checkpoint)
-        take_steps(model, opt, "fsdp2", range(3, 6))
-        continued = whole_weights(model)
-        fresh, fresh_opt = sharded_model_and_optimizer("fsdp2", seed=1)   # other weights until loaded
-        state = dict(zip(("model", "optim"), get_state_dict(fresh, fresh_opt)))
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        duals = sum("dual" in s for s in fresh_opt.state.values())
-        take_steps(fresh, fresh_opt, "fsdp2", range(3, 6))
-        resumed = whole_weights(fresh)   # a collective: every rank
-        if rank == 0:
-            torch.save({"continued": continued, "resumed": resumed, "duals": duals}, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _checkpoint_steps(rank, world, out, checkpoint):
+    model, opt = sharded_model_and_optimizer("fsdp2")
+    take_steps(model, opt, "fsdp2", range(3))
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt))), checkpoint_id=checkpoint)
+    take_steps(model, opt, "fsdp2", range(3, 6))
+    continued = whole_weights(model)
+    fresh, fresh_opt = sharded_model_and_optimizer("fsdp2", seed=1)   # other weights until loaded
+    state = dict(zip(("model", "optim"), get_state_dict(fresh, fresh_opt)))
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    duals = sum("dual" in s for s in fresh_opt.state.values())
+    take_steps(fresh, fresh_opt, "fsdp2", range(3, 6))
+    resumed = whole_weights(fresh)   # a collective: every rank
+    if rank == 0:
+        torch.save({"continued": continued, "resumed": resumed, "duals": duals}, out)
 
 
 def test_fsdp2_optimizer_state_resumes_exactly_through_distributed_checkpoint(tmp_path):
     """torch.distributed.checkpoint saves the sharded momenta and the carried duals, and a fresh
     model and optimizer loaded from it take the same steps as the run that went on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_checkpoint_worker, args=(2, port, str(out), str(tmp_path / "ckpt")), nprocs=2,
-                       start_method="spawn")
+    run_ranks(_checkpoint_steps, 2, str(out), str(tmp_path / "ckpt"))
     result = torch.load(out, weights_only=True)
     assert result["duals"] > 0
     for k, v in result["continued"].items():
         assert torch.equal(result["resumed"][k], v), k
 
 
-def _groups_worker(rank, world, port, out_dir):
+def _group_steps(rank, world, out_dir):
     """Two pipeline-like stages of 2 ranks, each stage its own gradients: data parallel within a
     stage (``process_group``), replicated and under FSDP2 on the stage's sub-mesh; then every rank
     on its own (``new_subgroups(1)``); then different gradients on the default group."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stage = rank // 2
+    stage_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("stage", "dp"))["dp"]
+    results = {}
+    for layout in ("replicated", "fsdp2"):
+        torch.manual_seed(0)
+        model = build_model("nanogpt")
+        if layout == "fsdp2":
+            fully_shard(model, mesh=stage_mesh)
+        opt = ManifoldMuon(resolve(model, "hetero", mode="fast"), process_group=stage_mesh.get_group())
+        with mock.patch.object(DTensor, "full_tensor", side_effect=AssertionError("gathered whole")):
+            take_steps(model, opt, layout, range(STEPS), data_seed=stage)   # the sub-mesh's all_to_all
+        results[layout] = whole_weights(model)
+    own_group, _ = dist.new_subgroups(1)
+    model, opt = sharded_model_and_optimizer(mode="fast", process_group=own_group)
+    take_steps(model, opt, "replicated", range(STEPS), data_seed=rank)
+    results["own"] = whole_weights(model)
+    model, opt = sharded_model_and_optimizer(mode="fast")
     try:
-        stage = rank // 2
-        stage_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("stage", "dp"))["dp"]
-        results = {}
-        for layout in ("replicated", "fsdp2"):
-            torch.manual_seed(0)
-            model = build_model("nanogpt")
-            if layout == "fsdp2":
-                fully_shard(model, mesh=stage_mesh)
-            opt = ManifoldMuon(resolve(model, "hetero", mode="fast"), process_group=stage_mesh.get_group())
-            with mock.patch.object(DTensor, "full_tensor", side_effect=AssertionError("gathered whole")):
-                take_steps(model, opt, layout, range(STEPS), data_seed=stage)   # the sub-mesh's all_to_all
-            results[layout] = whole_weights(model)
-        own_group, _ = dist.new_subgroups(1)
-        model, opt = sharded_model_and_optimizer(mode="fast", process_group=own_group)
-        take_steps(model, opt, "replicated", range(STEPS), data_seed=rank)
-        results["own"] = whole_weights(model)
-        model, opt = sharded_model_and_optimizer(mode="fast")
-        try:
-            take_steps(model, opt, "replicated", range(1), data_seed=rank)
-        except RuntimeError as e:
-            results["refused"] = str(e)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        take_steps(model, opt, "replicated", range(1), data_seed=rank)
+    except RuntimeError as e:
+        results["refused"] = str(e)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ranks_share_the_work_only_within_their_process_group_and_differing_gradients_are_refused(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_groups_worker, args=(4, port, str(tmp_path)), nprocs=4, start_method="spawn")
+    run_ranks(_group_steps, 4, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
