@@ -194,7 +194,8 @@ def test_fsdp2_optimizer_state_resumes_exactly_through_distributed_checkpoint(tm
 def _group_steps(rank, world, out_dir):
     """Two pipeline-like stages of 2 ranks, each stage its own gradients: data parallel within a
     stage (``process_group``), replicated and under FSDP2 on the stage's sub-mesh; then every rank
-    on its own (``new_subgroups(1)``); then different gradients on the default group."""
+    on its own (``new_subgroups(1)``); then different gradients, and FSDP2 on the stage's mesh, on
+    the default group."""
     stage = rank // 2
     stage_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("stage", "dp"))["dp"]
     results = {}
@@ -216,10 +217,17 @@ def _group_steps(rank, world, out_dir):
         take_steps(model, opt, "replicated", range(1), data_seed=rank)
     except RuntimeError as e:
         results["refused"] = str(e)
+    torch.manual_seed(0)
+    model = build_model("nanogpt")
+    fully_shard(model, mesh=stage_mesh)   # but the optimizer left on every rank
+    try:
+        take_steps(model, ManifoldMuon(resolve(model, "hetero", mode="fast")), "fsdp2", range(1), data_seed=stage)
+    except ValueError as e:
+        results["mesh refused"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_ranks_share_the_work_only_within_their_process_group_and_differing_gradients_are_refused(tmp_path):
+def test_ranks_share_the_work_only_within_their_process_group_and_ranks_that_do_not_share_are_refused(tmp_path):
     run_ranks(_group_steps, 4, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)]
     threads = torch.get_num_threads()
@@ -239,3 +247,5 @@ def test_ranks_share_the_work_only_within_their_process_group_and_differing_grad
                 torch.testing.assert_close(result[run][k], v, atol=1e-6, rtol=0, msg=f"rank {rank}, {run}: {k}")
         assert "differs across them" in result["refused"] and "process_group" in result["refused"]
         assert "transformer.h.0." in result["refused"]   # names the first Muon matrix
+        assert f"ranks {[2 * (rank // 2), 2 * (rank // 2) + 1]}" in result["mesh refused"], result["mesh refused"]
+        assert "ranks [0, 1, 2, 3] of its process group" in result["mesh refused"]

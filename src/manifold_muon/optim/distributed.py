@@ -30,7 +30,7 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "check_ranks_agree", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack",
+__all__ = ["world", "group_ranks", "check_ranks_share", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack",
            "write_shard", "shard_rows", "scatters", "to_owners", "from_owners"]
 
 if dist.is_available():
@@ -47,18 +47,35 @@ def world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
-def check_ranks_agree(named_grads: list, group=None):
-    """Raise unless every rank of ``group`` holds the same plain gradients ``named_grads`` (pairs
-    of name and gradient or None): sharing the matrix work assumes so, as data parallelism makes
-    them, and otherwise mixes ranks' results silently.  One all_reduce of a fingerprint of each
-    (its sum, against the largest sum of magnitudes; a missing gradient as a sentinel)."""
+def group_ranks(group=None) -> list[int]:
+    """The global ranks of ``group`` (default: every rank), in the group's order."""
+    return dist.get_process_group_ranks(group) if group is not None else list(range(world()[1]))
+
+
+def check_ranks_share(named_params: list, group=None):
+    """Raise unless the ranks of ``group`` can share the matrix work on ``named_params`` (pairs
+    of name and parameter): sharing assumes they all hold the same matrices, as data parallelism
+    makes them, and otherwise mixes ranks' results silently.  A DTensor's mesh must hold exactly
+    the group's ranks; plain gradients must agree, checked by one all_reduce of a fingerprint of
+    each (its sum, against the largest sum of magnitudes; a missing gradient as a sentinel)."""
     world_size = world(group)[1]
-    if world_size == 1 or not named_grads:
+    if world_size == 1:
         return
-    device = next((g.device for _, g in named_grads if g is not None), torch.device("cpu"))
+    remedy = ("pass ManifoldMuon(..., process_group=...) the ranks that do share gradients (a pipeline stage's "
+              "data-parallel group, say, or the group of the mesh fully_shard was given)")
+    ranks = sorted(group_ranks(group))
+    for name, p in named_params:
+        if is_sharded(p) and sorted(p.device_mesh.mesh.flatten().tolist()) != ranks:
+            raise ValueError(
+                f"ManifoldMuon shares its matrix work across the ranks {ranks} of its process group, but {name} is "
+                f"sharded over a device mesh of the ranks {sorted(p.device_mesh.mesh.flatten().tolist())}; {remedy}")
+    grads = [(name, p.grad) for name, p in named_params if not is_sharded(p)]
+    if not grads:
+        return
+    device = next((g.device for _, g in grads if g is not None), torch.device("cpu"))
     missing = torch.tensor(1e300, dtype=torch.float64, device=device)
-    sums = torch.stack([g.double().sum() if g is not None else missing for _, g in named_grads])
-    sizes = torch.stack([g.double().abs().sum() if g is not None else missing.new_zeros(()) for _, g in named_grads])
+    sums = torch.stack([g.double().sum() if g is not None else missing for _, g in grads])
+    sizes = torch.stack([g.double().abs().sum() if g is not None else missing.new_zeros(()) for _, g in grads])
     both = torch.cat([sums, -sums, sizes])   # one MAX all_reduce: the largest, minus the smallest, the size
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     largest, neg_smallest, size = both.view(3, -1)
@@ -67,10 +84,9 @@ def check_ranks_agree(named_grads: list, group=None):
         raise RuntimeError(
             f"ManifoldMuon shares its matrix work across the {world_size} ranks of its process group, which "
             f"assumes they all hold the same gradients, as data parallelism (DDP's all-reduce) makes them; at "
-            f"this first step the gradient of {named_grads[differs[0]][0]} differs across them. Wrap the model "
-            "in DDP or fully_shard, or pass ManifoldMuon(..., process_group=...) the ranks that do share "
-            "gradients (a pipeline stage's data-parallel group, say), or "
-            "torch.distributed.new_subgroups(1)[0] where every rank trains on its own")
+            f"this first step the gradient of {grads[differs[0]][0]} differs across them. Wrap the model in DDP "
+            f"or fully_shard, or {remedy}, or torch.distributed.new_subgroups(1)[0] where every rank trains on "
+            "its own")
 
 
 def owned_indices(k: int, rank: int, world_size: int) -> list[int]:
@@ -140,9 +156,8 @@ def scatters(tensors: list, group=None) -> bool:
     if not _one_layout(tensors):
         return False
     mesh, placements = tensors[0].device_mesh, tuple(tensors[0].placements)
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world()[1]))
     return (mesh.ndim <= 2 and placements[-1] == Shard(0) and all(p.is_replicate() for p in placements[:-1])
-            and mesh.mesh.flatten().tolist() == ranks)
+            and mesh.mesh.flatten().tolist() == group_ranks(group))
 
 
 def _replica_and_shard(mesh, rank: int) -> tuple[int, int, int]:

@@ -90,7 +90,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .compiling import compiled_graphs_limit, mark_compile_constants
-from .distributed import (check_ranks_agree, from_owners, gather_slices, is_sharded, owned_indices, scatters,
+from .distributed import (check_ranks_share, from_owners, gather_slices, owned_indices, scatters,
                           to_owners, whole, whole_stack, world)
 from .dual import DIRECTION_MODES, alignment, check_dual_form, default_msign_dtype, solve_direction, stack_stats
 from .layout import oriented, stored, write_matrices, write_oriented
@@ -256,7 +256,7 @@ class ManifoldMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self._ranks_checked:
-            check_ranks_agree(self._plain_muon_gradients(), self.process_group)
+            check_ranks_share(self._named_muon_params(), self.process_group)
             self._ranks_checked = True
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -270,13 +270,12 @@ class ManifoldMuon(torch.optim.Optimizer):
                     self._muon(group, params)
         return loss
 
-    def _plain_muon_gradients(self) -> list[tuple[str, torch.Tensor | None]]:
-        """(name, gradient) of every replicated (not DTensor) Muon matrix: what ranks share."""
+    def _named_muon_params(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) of every Muon matrix: what the ranks share."""
         named = []
         for i, group in enumerate(self.param_groups):
             names = group.get("names") or [f"parameter {j} of group {i}" for j in range(len(group["params"]))]
-            named += [(name, p.grad) for name, p in zip(names, group["params"])
-                      if group["algorithm"] == "muon" and not is_sharded(p)]
+            named += [(name, p) for name, p in zip(names, group["params"]) if group["algorithm"] == "muon"]
         return named
 
     # ---- AdamW: torch's own functional implementation ----------------------------------------
