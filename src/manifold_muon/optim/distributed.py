@@ -30,8 +30,8 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "group_ranks", "check_ranks_share", "owned_indices", "gather_slices", "is_sharded", "whole", "whole_stack",
-           "write_shard", "shard_rows", "scatters", "to_owners", "from_owners"]
+__all__ = ["world", "group_ranks", "check_ranks_share", "owned_indices", "gather_slices", "is_sharded", "whole",
+           "whole_stack", "write_shard", "shard_rows", "scatters", "to_owners", "from_owners"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
