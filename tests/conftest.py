@@ -4,6 +4,7 @@ import io
 import json
 import math
 import runpy
+import socket
 import sys
 from unittest import mock
 
@@ -16,6 +17,13 @@ from manifold_muon.optim.manifolds import get_manifold
 from manifold_muon.prepare import sha256_file
 
 VOCAB = 96   # the vocabulary of data_dir's token stream
+
+
+def free_port() -> int:
+    """A TCP port free now on localhost, so parallel or repeated multi-process runs cannot collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def with_condition(m, n, cond, *, batch=(), dtype=torch.float64, seed=0):

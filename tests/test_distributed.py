@@ -4,7 +4,6 @@ over a 2D mesh, or cut by columns."""
 import contextlib
 import gc
 import os
-import socket
 import sys
 from unittest import mock
 
@@ -20,7 +19,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from manifold_muon import ManifoldMuon, resolve
 from manifold_muon.optim.distributed import owned_indices, whole
-from conftest import TinyGPT
+from conftest import TinyGPT, free_port
 
 STEPS = 4
 
@@ -91,10 +90,7 @@ def _rank_main(rank, world, port, body, args):
 
 def run_ranks(body, world: int, *args):
     """``body(rank, world, *args)`` on ``world`` gloo processes (spawned, one thread each)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_rank_main, args=(world, port, body, args), nprocs=world, start_method="spawn")
+    mp.start_processes(_rank_main, args=(world, free_port(), body, args), nprocs=world, start_method="spawn")
 
 
 def train_steps(layout="replicated", model_name="nanogpt", around_steps=contextlib.nullcontext):
@@ -198,12 +194,17 @@ def _group_steps(rank, world, out_dir):
     the default group."""
     stage = rank // 2
     stage_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("stage", "dp"))["dp"]
-    results = {}
-    for layout in ("replicated", "fsdp2"):
+
+    def stage_model(layout):
         torch.manual_seed(0)
         model = build_model("nanogpt")
         if layout == "fsdp2":
             fully_shard(model, mesh=stage_mesh)
+        return model
+
+    results = {}
+    for layout in ("replicated", "fsdp2"):
+        model = stage_model(layout)
         opt = ManifoldMuon(resolve(model, "hetero", mode="fast"), process_group=stage_mesh.get_group())
         with mock.patch.object(DTensor, "full_tensor", side_effect=AssertionError("gathered whole")):
             take_steps(model, opt, layout, range(STEPS), data_seed=stage)   # the sub-mesh's all_to_all
@@ -217,9 +218,7 @@ def _group_steps(rank, world, out_dir):
         take_steps(model, opt, "replicated", range(1), data_seed=rank)
     except RuntimeError as e:
         results["refused"] = str(e)
-    torch.manual_seed(0)
-    model = build_model("nanogpt")
-    fully_shard(model, mesh=stage_mesh)   # but the optimizer left on every rank
+    model = stage_model("fsdp2")   # but the optimizer left on every rank
     try:
         take_steps(model, ManifoldMuon(resolve(model, "hetero", mode="fast")), "fsdp2", range(1), data_seed=stage)
     except ValueError as e:

@@ -1,7 +1,6 @@
 """The training loop: resume equivalence, crash safety, non-finite steps, DDP vs one process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from manifold_muon.model import GPT, ModelConfig
 from manifold_muon.optim import resolve
 from manifold_muon.runio import atomic_save, read_jsonl
 from manifold_muon.train import Trainer, train
-from conftest import VOCAB
+from conftest import VOCAB, free_port
 
 
 
@@ -135,9 +134,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(data_dir, 
     finally:
         torch.set_num_threads(threads)
     ddp = tmp_path / "ddp"
-    with socket.socket() as sock:  # a free port, so parallel or repeated runs cannot collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     "-m", "manifold_muon", "train", "--preset", "tiny-cpu", *(f"--{k}={v}" for k, v in settings.items()),
                     "--batch_size=2", f"--out_dir={ddp}"], check=True, env=env, timeout=300)
@@ -172,9 +169,7 @@ def test_ddp_ranks_free_their_wrapper_before_the_process_group(data_dir, tmp_pat
     # The group's destructor, run from DDP's Reducer as its last holder, joined gloo's threads with
     # the GIL held and hung a rank at exit (pytorch/pytorch#56297); train frees DDP first.
     import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     counts = mp.get_context("spawn").Manager().dict()
     cfg = tiny(data_dir, tmp_path / "ddp", max_iters=2, eval_interval=2, batch_size=2, allocation="unconstrained")
     mp.spawn(_ddp_rank_counting_live_wrappers, args=(port, cfg, counts), nprocs=2, join=True)

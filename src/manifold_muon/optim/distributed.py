@@ -65,10 +65,10 @@ def check_ranks_share(named_params: list, group=None):
               "data-parallel group, say, or the group of the mesh fully_shard was given)")
     ranks = sorted(group_ranks(group))
     for name, p in named_params:
-        if is_sharded(p) and sorted(p.device_mesh.mesh.flatten().tolist()) != ranks:
-            raise ValueError(
-                f"ManifoldMuon shares its matrix work across the ranks {ranks} of its process group, but {name} is "
-                f"sharded over a device mesh of the ranks {sorted(p.device_mesh.mesh.flatten().tolist())}; {remedy}")
+        mesh_ranks = sorted(p.device_mesh.mesh.flatten().tolist()) if is_sharded(p) else ranks
+        if mesh_ranks != ranks:
+            raise ValueError(f"ManifoldMuon shares its matrix work across the ranks {ranks} of its process group, "
+                             f"but {name} is sharded over a device mesh of the ranks {mesh_ranks}; {remedy}")
     grads = [(name, p.grad) for name, p in named_params if not is_sharded(p)]
     if not grads:
         return
