@@ -274,8 +274,10 @@ class ManifoldMuon(torch.optim.Optimizer):
         """(name, parameter) of every Muon matrix: what the ranks share."""
         named = []
         for i, group in enumerate(self.param_groups):
+            if group["algorithm"] != "muon":
+                continue
             names = group.get("names") or [f"parameter {j} of group {i}" for j in range(len(group["params"]))]
-            named += [(name, p) for name, p in zip(names, group["params"]) if group["algorithm"] == "muon"]
+            named += zip(names, group["params"])
         return named
 
     # ---- AdamW: torch's own functional implementation ----------------------------------------
