@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from manifold_muon.bench import write_result
-from manifold_muon.model import GPT, ModelConfig
+from manifold_muon.lab.bench import write_result
+from manifold_muon.lab.model import GPT, ModelConfig
 from manifold_muon.optim import ManifoldMuon, precision, resolve
 
 CONFIGS = {"muon": ("unconstrained", {}), "fast": ("hetero", {"mode": "fast"}),

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from manifold_muon.bench import write_result
+from manifold_muon.lab.bench import write_result
 from manifold_muon.optim.dual import alignment, repaired_alignment, solve_direction
 from manifold_muon.optim.manifolds import DGram
 

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from manifold_muon.bench import write_result
-from manifold_muon.config import make_config
-from manifold_muon.train import train
+from manifold_muon.lab.bench import write_result
+from manifold_muon.lab.config import make_config
+from manifold_muon.lab.train import train
 
 
 def main():

@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from manifold_muon.bench import synchronize, write_result
-from manifold_muon.config import config_from_dict, make_config
-from manifold_muon.diagnostics import module_group
-from manifold_muon.model import GPT
+from manifold_muon.lab.bench import synchronize, write_result
+from manifold_muon.lab.config import config_from_dict, make_config
+from manifold_muon.lab.diagnostics import module_group
+from manifold_muon.lab.model import GPT
 from manifold_muon.optim import ManifoldMuon, get_manifold, resolve, solve_direction
 from manifold_muon.optim.dual import alignment, repaired_alignment, singular_values
 from manifold_muon.optim.manifolds import as_tall
-from manifold_muon.train import _param_groups
+from manifold_muon.lab.train import _param_groups
 
 
 def load_momenta(run_dir: Path) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:

@@ -31,7 +31,7 @@ import torch
 
 from functools import partial
 
-from manifold_muon.bench import synchronize, write_result
+from manifold_muon.lab.bench import synchronize, write_result
 from manifold_muon.optim import get_manifold, solve_direction
 from manifold_muon.optim.dual import _fast, spectral_norm, spectral_norm_estimate  # _fast: the "before" row
 from manifold_muon.optim.manifolds import as_tall

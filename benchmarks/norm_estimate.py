@@ -28,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 import manifold_muon.optim.dual as dual_module
-from manifold_muon.bench import write_result
-from manifold_muon.config import make_config
-from manifold_muon.data import BatchSampler, DataError, TokenData
-from manifold_muon.model import GPT
+from manifold_muon.lab.bench import write_result
+from manifold_muon.lab.config import make_config
+from manifold_muon.lab.data import BatchSampler, DataError, TokenData
+from manifold_muon.lab.model import GPT
 from manifold_muon.optim import ManifoldMuon, resolve
 from manifold_muon.optim.manifolds import as_tall
 from manifold_muon.optim.norms import singular_values, spectral_norm_estimate, top_ritz_pair

@@ -32,9 +32,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from manifold_muon.bench import write_result
+from manifold_muon.lab.bench import write_result
 from manifold_muon import ManifoldMuon, resolve
-from manifold_muon.model import GPT, ModelConfig
+from manifold_muon.lab.model import GPT, ModelConfig
 from manifold_muon.optim.distributed import is_sharded
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from manifold_muon import ManifoldMuon, Rule, format_allocation, get_manifold, resolve
+from manifold_muon import PAPER_ALLOCATIONS, ManifoldMuon, Rule, format_allocation, get_manifold, get_preset, resolve
 from manifold_muon.optim.dual import DIRECTION_MODES
 
 ATTN = r"self_attn\.(in_proj_weight|out_proj\.weight)$"
 MLP = r"linear[12]\.weight$"
-ALLOCATIONS = {"unconstrained": ("none", "none"), "all-stiefel": ("stiefel", "stiefel"),
-               "all-dgram": ("dgram", "dgram"), "hetero": ("stiefel", "dgram"), "hetero-inv": ("dgram", "stiefel")}
+# each paper preset's first two rules are attention's and the MLP's: take their geometries
+ALLOCATIONS = {name: tuple(rule.manifold for rule in get_preset(name)[:2]) for name in PAPER_ALLOCATIONS}
 
 
 def rules_for(attention: str, mlp: str) -> list[Rule]:

@@ -175,7 +175,7 @@ def main():
         "perl-docs": write_docs(out, "perl-docs", pod_docs(fetch_deb("perl-doc", cache))),
     }
     run([sys.executable, "-m", "manifold_muon", "prepare", "text", str(out / "text" / "*" / "*.txt"), "--out", str(out)], cwd=".")
-    from manifold_muon.tokenizer import gpt2_encoding
+    from manifold_muon.lab.tokenizer import gpt2_encoding
     enc = gpt2_encoding()
     rows = []
     for source, n_docs in counts.items():

@@ -1,18 +1,15 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 5-7, sized for the lent machine: 15 minutes of device time per
-# session with its start included, at most 10 minutes a call, no registry, at most 8 files back
-# from $OUT, and at most 64 MiB of working tree (tracked files plus carried ones) sent to it.
+# The GPU measurements, sized for a borrowed machine with no package registry: a time budget per
+# call (at most 10 minutes), few files back from $OUT, and at most 64 MiB of working tree and
+# carried files sent to it.  The code runs from the source tree (PYTHONPATH=src).
 #
-# Here, once (needs data/local-corpus: `python scripts/build_local_corpus.py`, see the README):
+# Here, once (needs data/local-corpus: `python scripts/build_local_corpus.py`):
 #   bash scripts/gpu.sh prepare   -> gpu-carry/ (ignored): the corpus's token files, xz-compressed
 #                                    (39 -> 15 MB), and a tqdm wheel; fails if the tree and the
 #                                    carry together would not fit in 64 MiB
-#   bash scripts/gpu.sh travel-light  -> the committed CPU results leave this checkout's files (a
-#                                    sparse checkout: still tracked, `git status` clean), so that
-#                                    device calls do not send them; `travel-full` brings them back
 # There, with gpu-carry carried, one stage per call:
-#   bash scripts/gpu.sh first                       the session's first call (FIRST_S, default 540 s;
-#                                                   give the call timeout_s=600): issue 5's table at
+#   bash scripts/gpu.sh first                       the first call (FIRST_S, default 540 s; give
+#                                                   the call a 600 s limit): the bench table at
 #                                                   GPT-2 small, 65,536 tokens/step, compiled forward
 #                                                   (paper and fast mode), hetero and Muon again with
 #                                                   compiled directions beside eager ones (both benches
@@ -27,7 +24,7 @@
 #                                                   other settings need their own folder, e.g.
 #                                                   `RESULTS=results/gpt2-reduced-lr8x bash scripts/gpu.sh sweep
 #                                                   paper,improved 1 all-stiefel,all-dgram --muon_lr=0.16`
-#   bash scripts/gpu.sh quality [RUN_DIR ...]       issue 5's direction quality, per matrix group, on
+#   bash scripts/gpu.sh quality [RUN_DIR ...]       direction quality, per matrix group, on
 #                                                   the final momenta of runs (default: every
 #                                                   constrained run here with a checkpoint)
 #   bash scripts/gpu.sh report                      report over results/gpt2-reduced
@@ -118,12 +115,6 @@ tree_and_carry_mib() {  # what a device call sends: tracked and untracked-not-ig
     | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {printf "%.1f", s / 1048576}'
 }
 
-# The committed CPU results (about 43 MiB) are of no use on the device, yet tracked files travel.
-# A sparse checkout leaves them out of this checkout's files, while git still tracks them: `git
-# status` stays clean and a commit keeps them.  The GPU's own results (results/gpt2-*) stay, so a
-# sweep skips the runs already committed.
-SPARSE_PATTERNS=('/*' '!/results/*/' '/results/gpt2-*/')
-
 first_stage() {
   local deadline=$((SECONDS + FIRST_S))
   # run_for CAP CMD...: CMD under a timeout of CAP seconds or what is left, skipped under 30 s
@@ -144,7 +135,7 @@ first_stage() {
     compiled_allocations=unconstrained
     compile_again=()   # the first two benches test compiling; the last two would only repeat it (4-5 s each)
   fi
-  # In order of what issue 5 needs most; each step gets what is left of FIRST_S
+  # The most wanted numbers first; each step gets what is left of FIRST_S
   # --profile: each configuration's costliest kernels, and how busy they keep the GPU (launch-bound or not)
   run_for 240 "$PYTHON" -m manifold_muon bench "${preset[@]}" --modes paper,fast --rounds 5 --out "$OUT" --compile \
     --profile 8
@@ -205,20 +196,10 @@ EOF
     size=$(tree_and_carry_mib)
     echo "a device call would send ${size} MiB (tree and gpu-carry; the limit is 64 MiB)"
     if awk -v s="$size" -v l="$LIMIT_MIB" 'BEGIN {exit !(s > l)}'; then
-      echo "too large for the GPU machine: \`bash scripts/gpu.sh travel-light\` (if not done yet), pack finished" \
-        "results (manifold-muon pack --spectral-summary DIR), or carry less" >&2
+      echo "too large for the GPU machine: pack finished results (manifold-muon pack --spectral-summary DIR)," \
+        "or carry less" >&2
       exit 1
     fi
-    ;;
-  travel-light)   # here, before device calls; `travel-full` after them
-    before=$(tree_and_carry_mib)
-    git sparse-checkout set --no-cone "${SPARSE_PATTERNS[@]}"
-    echo "a device call would send $(tree_and_carry_mib) MiB (was ${before}): results/ holds only the GPU's" \
-      "folders (results/gpt2-*) until \`bash scripts/gpu.sh travel-full\`"
-    ;;
-  travel-full)
-    git sparse-checkout disable
-    echo "every committed file is back; a device call would send $(tree_and_carry_mib) MiB"
     ;;
   first)
     setup_device
@@ -240,11 +221,11 @@ EOF
     modes="${1:?sweep needs MODES, e.g. paper,improved}"
     seeds="${2:?sweep needs SEEDS, e.g. 1,2}"
     shift 2
-    allocs="unconstrained,all-stiefel,all-dgram,hetero,hetero-inv"
-    if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then allocs="$1"; shift; fi
+    allocs=()   # default: the paper's five
+    if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then allocs=(--allocations "$1"); shift; fi
     # what is left: config overrides for every run, e.g. --dual_steps=8
     timeout "$BUDGET_S" "$PYTHON" -m manifold_muon sweep --preset gpt2-reduced --modes "$modes" --seeds "$seeds" \
-      --allocations "$allocs" --out "$RESULTS" --jobs "$SWEEP_JOBS" --quiet "$@" || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
+      "${allocs[@]}" --out "$RESULTS" --jobs "$SWEEP_JOBS" --quiet "$@" || echo "sweep stopped (budget ${BUDGET_S}s); finished runs are kept"
     sweep_summary
     pack_results
     direction_quality
@@ -259,7 +240,7 @@ EOF
     pack_results
     ;;
   *)
-    echo "usage: bash scripts/gpu.sh prepare | travel-light | travel-full | first | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] [--key=value ...] | quality [RUN_DIR ...] | report" >&2
+    echo "usage: bash scripts/gpu.sh prepare | first | bench [--key=value ...] | levers | sweep MODES SEEDS [ALLOCATIONS] [--key=value ...] | quality [RUN_DIR ...] | report" >&2
     exit 2
     ;;
 esac

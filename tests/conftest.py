@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from manifold_muon.optim.manifolds import get_manifold
-from manifold_muon.prepare import sha256_file
+from manifold_muon.lab.prepare import sha256_file
 
 VOCAB = 96   # the vocabulary of data_dir's token stream
 

@@ -9,8 +9,8 @@ from manifold_muon import PRESETS, ManifoldMuon, Rule, format_allocation, get_ma
 from conftest import TinyGPT, TinyLlama
 
 PAPER = ["unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv"]
-SEED_PLAN = ["baseline", "muon_all", "muon_attention", "muon_ffn", "stiefel_all", "stiefel_attention",
-             "stiefel_ffn", "spectral_all", "manifold_muon"]
+SEED_PLAN = ["baseline", "muon-all", "muon-attention", "muon-ffn", "stiefel-all", "stiefel-attention",
+             "stiefel-ffn", "spectral-all", "manifold-muon"]
 
 
 def stock_transformer():
@@ -162,7 +162,7 @@ def test_hetero_on_nanogpt_names():
 def test_unconstrained_muon_keeps_weight_decay_and_seed_plan_wraps_adamw():
     g = by_name(resolve(TinyGPT(), "unconstrained"))["transformer.h.0.mlp.c_fc.weight"]
     assert (g["algorithm"], g["manifold"], g["weight_decay"], g["lr"]) == ("muon", "none", 0.1, 0.02)
-    g = by_name(resolve(TinyGPT(), "stiefel_attention"))
+    g = by_name(resolve(TinyGPT(), "stiefel-attention"))
     assert (g["transformer.h.0.attn.c_attn.weight"]["algorithm"], g["transformer.h.0.attn.c_attn.weight"]["manifold"]) == ("adamw", "stiefel")
     assert g["transformer.h.0.mlp.c_fc.weight"]["manifold"] == "none"
 
@@ -246,7 +246,7 @@ RECORDED_NAMES = {
 
 @pytest.mark.parametrize("family", sorted(RECORDED_NAMES))
 def test_presets_find_attention_and_mlp_in_each_naming_convention(family):
-    from manifold_muon.diagnostics import module_group
+    from manifold_muon.lab.diagnostics import module_group
     attention, mlp, other = RECORDED_NAMES[family]
     for names, group in ((attention, "attention"), (mlp, "mlp"), (other, "other")):
         for name in names:
@@ -329,3 +329,34 @@ def test_frozen_parameters_are_skipped():
     model.transformer.wpe.weight.requires_grad_(False)
     names = [n for g in resolve(model, "hetero") for n in g["names"]]
     assert "transformer.wpe.weight" not in names
+
+
+def test_old_snake_case_preset_names_still_resolve_and_warn():
+    from manifold_muon.optim.allocation import PRESET_ALIASES
+    assert PRESET_ALIASES["muon_all"] == "muon-all"
+    with pytest.warns(DeprecationWarning, match="'stiefel_attention' is deprecated; use 'stiefel-attention'"):
+        old = resolve(TinyGPT(), "stiefel_attention")
+    new = resolve(TinyGPT(), "stiefel-attention")
+    assert [(g["algorithm"], g["manifold"], g["names"]) for g in old] == [(g["algorithm"], g["manifold"], g["names"]) for g in new]
+
+
+def test_register_preset_makes_rules_nameable_and_refuses_a_taken_name():
+    from manifold_muon import register_preset
+    rules = (Rule(r"attn", "muon", "oblique"), Rule(".", "adamw"))
+    register_preset("test-oblique-attention", rules)
+    assert {g["manifold"] for g in resolve(TinyGPT(), "test-oblique-attention")} >= {"oblique"}
+    register_preset("test-oblique-attention", rules)   # the same rules again: no conflict
+    with pytest.raises(ValueError, match="preset name 'hetero' is taken"):
+        register_preset("hetero", rules)
+    with pytest.raises(ValueError, match="kebab-case"):
+        register_preset("My_Preset", rules)
+    PRESETS.pop("test-oblique-attention")
+
+
+def test_the_library_ships_the_papers_five_and_the_plans_nine_only():
+    import subprocess
+    import sys
+    code = "from manifold_muon import PRESETS, PAPER_ALLOCATIONS, MANIFOLDS; print(sorted(PRESETS)); print(sorted(MANIFOLDS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert eval(out[0]) == sorted(PAPER + SEED_PLAN)   # the lab's variants arrive only with the lab
+    assert eval(out[1]) == sorted(["none", "stiefel", "dgram", "dgram-svd", "oblique", "spectral"])

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from manifold_muon.analysis import causal_chain, divergence_iter, first_crossing, seed_gap
-from manifold_muon.diagnostics import SpectralRecorder
+from manifold_muon.lab.analysis import causal_chain, divergence_iter, first_crossing, seed_gap
+from manifold_muon.lab.diagnostics import SpectralRecorder
 
 
 def test_first_crossing_is_measured_from_the_baseline_after_start():

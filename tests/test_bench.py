@@ -1,5 +1,5 @@
 """The bench command measures every configuration and reports feasible improved directions."""
-from manifold_muon.bench import format_bench, run_bench, save_bench
+from manifold_muon.lab.bench import format_bench, run_bench, save_bench
 
 
 def test_bench_rows_ratios_and_quality(tmp_path):
@@ -86,7 +86,7 @@ def test_bench_times_compiled_twins_of_muon_and_fast_mode_in_the_same_rounds():
     assert "compiled direction against eager" in format_bench(result)
     line = next(ln for ln in format_bench(result).splitlines() if ln.startswith("muon (ours, polar express, compiled)"))
     assert line.split()[6] == "-"   # opt ops: not counted for a compiled direction
-    from manifold_muon.bench import _configs
+    from manifold_muon.lab.bench import _configs
     labels = [label for label, _, _ in _configs(["hetero"], ["paper", "fast"], compiled_twins=True)]
     assert labels[-3:] == ["hetero [paper]", "hetero [fast]", "hetero [fast, compiled]"]
 
@@ -95,7 +95,7 @@ def _sigterm_at_synchronisation(monkeypatch, n):
     import os
     import signal
 
-    from manifold_muon import bench
+    from manifold_muon.lab import bench
     calls = []
 
     def synchronize_then_term(device):
@@ -124,7 +124,7 @@ def test_the_bench_command_saves_a_cut_short_table_and_exits_as_timeout_does(mon
 
     import pytest
 
-    from manifold_muon.cli import main
+    from manifold_muon.lab.cli import main
     _sigterm_at_synchronisation(monkeypatch, 35)
     with pytest.raises(SystemExit) as stop:
         main(["bench", "--allocations", "unconstrained", "--rounds", "5", "--out", str(tmp_path)]
@@ -172,7 +172,7 @@ def test_a_gpu_profile_totals_the_kernels_as_torch_does_and_says_how_busy_they_k
 
     from torch.autograd import DeviceType
 
-    from manifold_muon.bench import summarize_profile
+    from manifold_muon.lab.bench import summarize_profile
 
     def event(key, device_type, count, cpu_us, device_us):
         return SimpleNamespace(key=key, device_type=device_type, count=count, self_cpu_time_total=cpu_us,

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from manifold_muon.bench import run_bench
-from manifold_muon.cli import _split_overrides, build_parser
-from manifold_muon.config import ConfigError, make_config
-from manifold_muon.data import DataError
+from manifold_muon.lab.bench import run_bench
+from manifold_muon.lab.cli import _split_overrides, build_parser
+from manifold_muon.lab.config import ConfigError, make_config
+from manifold_muon.lab.data import DataError
 from manifold_muon.optim.allocation import PRESETS
-from manifold_muon.sweep import run_sweep
+from manifold_muon.lab.sweep import run_sweep
 
 
 def test_overrides_accept_equals_space_and_bare_flags():

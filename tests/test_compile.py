@@ -117,6 +117,6 @@ def test_importing_the_library_leaves_the_compiler_unloaded():
     # torch._dynamo took about 2 s of a 4.6 s import here; only compiling should pay it
     import subprocess
     import sys
-    code = "import sys, manifold_muon, manifold_muon.cli, manifold_muon.train; print('torch._dynamo' in sys.modules)"
+    code = "import sys, manifold_muon, manifold_muon.lab.cli, manifold_muon.lab.train; print('torch._dynamo' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

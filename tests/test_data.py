@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from manifold_muon.data import DataError, TokenData
-from manifold_muon.prepare import prepare_documents, prepare_hf_dataset, prepare_text_files
-from manifold_muon.tokenizer import EOT, gpt2_encoding
+from manifold_muon.lab.data import DataError, TokenData
+from manifold_muon.lab.prepare import prepare_documents, prepare_hf_dataset, prepare_text_files
+from manifold_muon.lab.tokenizer import EOT, gpt2_encoding
 
 
 def test_tokenizer_is_gpt2_bit_exact_and_offline():
@@ -105,6 +105,6 @@ def test_bad_text_inputs(tmp_path):
 
 
 def test_a_missing_data_package_says_how_to_install_it():
-    from manifold_muon.resources import package_data
+    from manifold_muon.lab.resources import package_data
     with pytest.raises(RuntimeError, match="not installed; pip install thing==1.0"):
         package_data("no_such_package_xyz", "data", install="pip install thing==1.0")

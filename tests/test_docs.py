@@ -1,10 +1,10 @@
-"""The docs' commands and code, checked against the CLI, the library and the committed results.
+"""The docs' commands and code, checked against the CLI, the library and the committed studies.
 
-A README that drifts from the code is a bug a user meets first: these tests parse every
-``manifold-muon`` command the README and RESULTS.md show, run the README's Python example and the
-example script, check that the sweep commands given for the committed results name exactly the
-runs in ``results/`` with the settings those runs recorded, and that every file and section the
-docs link to exists.
+Docs that drift from the code are a bug a user meets first: these tests parse every
+``manifold-muon`` command of the README and the docs site, run their Python examples and the
+example script, check that the sweep commands each study page gives name exactly the runs that
+page lists (``runs.json``) with the settings those runs recorded, that every study's manifest
+is well formed, and that every file and section the docs link to exists.
 """
 from __future__ import annotations
 
@@ -21,18 +21,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifold_muon.cli import _csv, _split_overrides, build_parser
-from manifold_muon.config import TrainConfig, make_config
+from manifold_muon.lab.cli import _csv, _split_overrides, build_parser
+from manifold_muon.lab.config import TrainConfig, make_config
 from manifold_muon.optim.allocation import PRESETS
 from manifold_muon.optim.dual import DIRECTION_MODES
 from manifold_muon.optim.manifolds import get_manifold
-from manifold_muon.sweep import plan_runs
+from manifold_muon.lab.sweep import plan_runs
 
 from conftest import refusal
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC_NAMES = ("README.md", "RESULTS.md")   # RESULTS.md holds the results' detail, README the summary
-DOCS = {name: (ROOT / name).read_text() for name in DOC_NAMES}
+STUDIES = ROOT / "docs" / "results"
+DOC_PATHS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCS = {path.relative_to(ROOT).as_posix(): path.read_text() for path in DOC_PATHS}
 DOCS_TEXT = "\n".join(DOCS.values())   # the commands, code and file pointers of both, read as one
 WITH_OVERRIDES = ("train", "sweep", "bench")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -56,7 +57,8 @@ def docs_commands() -> list[list[str]]:
             line = re.sub(r"\$([A-Z0-9_]+)", lambda m: variables.get(m[1], m[0]), line)
             words = shlex.split(line, comments=True)
             for start, word in enumerate(words):
-                if word == "manifold-muon" or (word == "manifold_muon" and words[start - 1] == "-m"):
+                if (word == "manifold-muon" and words[start - 1:start] != ["install"]) or (
+                        word == "manifold_muon" and words[start - 1] == "-m"):
                     commands.append(words[start + 1:])
                     break
     return commands
@@ -103,19 +105,22 @@ def documented_runs() -> dict[str, dict[str, tuple]]:
     return runs
 
 
-def test_docs_sweep_commands_name_exactly_the_committed_runs():
+def study_runs(study: str) -> dict[str, dict]:
+    """The runs a study page lists: name -> its summary, with the config it recorded."""
+    return {row["run"]: row for row in json.loads((STUDIES / study / "runs.json").read_text())}
+
+
+def test_study_sweep_commands_name_exactly_the_committed_runs():
     documented = documented_runs()
-    committed = {str(p.parent.relative_to(ROOT)) for p in ROOT.glob("results/*/sweep.json")}
-    assert committed, "no committed sweeps found under results/"
-    # The GPU sweeps are documented before they are run; every committed one must be documented.
-    assert committed <= set(documented), f"committed sweeps no command of the docs makes: {committed - set(documented)}"
+    committed = {f"results/{p.parent.name}" for p in STUDIES.glob("*/runs.json")}
+    assert len(committed) >= 13, "the committed studies' runs.json files are missing"
+    assert committed <= set(documented), f"committed studies no command of the docs makes: {committed - set(documented)}"
     for sweep in sorted(committed):
-        runs = documented[sweep]
-        on_disk = {p.parent.name for p in (ROOT / sweep).glob("*/config.json")}
-        assert set(runs) == on_disk, (f"{sweep}: runs the docs' commands make but not committed "
-                                      f"{sorted(set(runs) - on_disk)}; committed but no command {sorted(on_disk - set(runs))}")
+        runs, listed = documented[sweep], study_runs(sweep.split("/", 1)[1])
+        assert set(runs) == set(listed), (f"{sweep}: runs the docs' commands make but not listed "
+                                          f"{sorted(set(runs) - set(listed))}; listed but no command {sorted(set(listed) - set(runs))}")
         for name, (preset, run, overrides) in runs.items():
-            recorded = json.loads((ROOT / sweep / name / "config.json").read_text())
+            recorded = listed[name]["config"]
             expected = make_config(preset, run)
             for key in ("preset", "allocation", "seed", "mode", *overrides):
                 model_field = key not in TRAIN_FIELDS   # make_config has refused keys of neither
@@ -124,13 +129,24 @@ def test_docs_sweep_commands_name_exactly_the_committed_runs():
                 assert got == value, f"{sweep}/{name}: {key} is {got!r}, the docs' command gives {value!r}"
 
 
+def test_every_study_has_a_manifest_of_its_raw_files_and_their_commit():
+    for manifest_path in sorted(STUDIES.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        study = manifest_path.parent.name
+        assert manifest["study"] == study and re.fullmatch(r"[0-9a-f]{40}", manifest["commit"])
+        assert manifest["files"] and all(name.startswith(f"results/{study}/") for name in manifest["files"])
+        assert all(re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) and f["bytes"] >= 0 for f in manifest["files"].values())
+        if (STUDIES / study / "runs.json").exists():   # every run listed has its raw summary in the manifest
+            assert {f"results/{study}/{run}/summary.json" for run in study_runs(study)} <= set(manifest["files"])
+
+
 def test_readme_python_examples_run_and_keep_weights_on_their_manifolds():
     snippets = [b for b in code_blocks("python") if "ManifoldMuon(" in b]
-    assert len(snippets) == 2   # a stock nn.TransformerEncoder with rules, a HF Llama with a preset
+    assert len(snippets) >= 4   # README and own-model: rules; quickstart: a preset; own-model: a HF Llama
     for snippet in snippets:
         namespace: dict = {}
         torch.manual_seed(0)
-        exec(compile(snippet, "README.md", "exec"), namespace)
+        exec(compile(snippet, "docs example", "exec"), namespace)
         groups = namespace["opt"].param_groups
         assert {g["manifold"] for g in groups} >= {"stiefel", "dgram"}
         for group in (g for g in groups if g["manifold"] in ("stiefel", "dgram")):
@@ -164,8 +180,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def test_every_file_the_docs_point_to_exists():
-    paths = set(re.findall(r"[`(]((?:results|benchmarks|scripts|examples|tests|src)/[^`)\s]*)", DOCS_TEXT))
-    assert len(paths) >= 20, f"found only {len(paths)} paths: is the pattern broken?"
+    paths = set(re.findall(r"[`(]((?:benchmarks|scripts|examples|tests|src)/[^`)\s]*)", DOCS_TEXT))
+    assert len(paths) >= 10, f"found only {len(paths)} paths: is the pattern broken?"
     missing = [p for p in sorted(paths) for q in expand_braces(p) if not list(ROOT.glob(q.rstrip("/")))]
     assert not missing, f"the docs point to files that are not in the repository: {missing}"
 
@@ -175,16 +191,24 @@ def heading_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_every_section_link_of_the_docs_names_a_heading():
-    anchors = {}
-    for name, text in DOCS.items():
-        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a shell comment is no heading
-        anchors[name] = {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+def headings(text: str) -> set[str]:
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a shell comment is no heading
+    return {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+
+
+def test_every_link_of_the_docs_names_a_file_and_a_heading_that_exist():
     dangling, checked = [], 0
     for name, text in DOCS.items():
-        for target, anchor in re.findall(r"\]\(((?:[\w.-]+\.md)?)#([^)]+)\)", text):
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+://", target):
+                continue
             checked += 1
-            if anchor not in anchors.get(target or name, ()):
-                dangling.append(f"{name} -> {target or name}#{anchor}")
-    assert checked >= 10, f"found only {checked} section links: is the pattern broken?"
-    assert not dangling, f"links to sections that do not exist: {dangling}"
+            file_part, _, anchor = target.partition("#")
+            path = (ROOT / name).parent / file_part if file_part else ROOT / name
+            if not path.exists():
+                dangling.append(f"{name} -> {target} (no such file)")
+            elif anchor and anchor not in headings(path.read_text()):
+                dangling.append(f"{name} -> {target} (no such heading)")
+    assert checked >= 20, f"found only {checked} links: is the pattern broken?"
+    assert not dangling, f"links to files or sections that do not exist: {dangling}"

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from manifold_muon.runio import JsonlLog, at_float32_precision, pack_run, read_jsonl, replace_file
+from manifold_muon.lab.runio import JsonlLog, at_float32_precision, pack_run, read_jsonl, replace_file
 
 LOSS32 = float(np.float32(5.735352516174316))  # what a float32 loss's .item() gives
 LR = 0.0029563713774219224

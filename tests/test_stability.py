@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from manifold_muon.stability import classify_stability
+from manifold_muon.lab.stability import classify_stability
 
 
 def curve(values, every=100):

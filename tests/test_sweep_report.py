@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from manifold_muon.compare import build_comparison, code_versions, compare_rows, differing_settings, run_config
-from manifold_muon.config import config_to_dict, make_config
-from manifold_muon.analysis import sigma_max_curve
+from manifold_muon.lab.compare import build_comparison, code_versions, compare_rows, differing_settings, run_config
+from manifold_muon.lab.config import config_to_dict, make_config
+from manifold_muon.lab.analysis import sigma_max_curve
 from manifold_muon import resolve, save_allocation
-from manifold_muon.report import _constraint, build_report, gap_rows
-from manifold_muon.diagnostics import SpectralRecorder, read_spectral
-from manifold_muon.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
-from manifold_muon import sweep
-from manifold_muon.sweep import _gpu_slots, pack_finished_runs, run_sweep
+from manifold_muon.lab.report import _constraint, build_report, gap_rows
+from manifold_muon.lab.diagnostics import SpectralRecorder, read_spectral
+from manifold_muon.lab.runio import PACKED_LOGS, pack_run, read_jsonl, unpack_run
+from manifold_muon.lab import sweep
+from manifold_muon.lab.sweep import _gpu_slots, pack_finished_runs, run_sweep
 from conftest import VOCAB, TinyGPT
 
 ALLOCS = ["unconstrained", "hetero"]
@@ -115,8 +115,8 @@ def test_packed_runs_read_report_and_resume_as_plain_ones(data_dir, tmp_path):
 
 def test_report_from_small_real_runs(data_dir, tmp_path):
     out = tmp_path / "sweep"
-    run_sweep("tiny-cpu", ALLOCS, [1, 2], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7"), quiet=True,
-              jobs=JOBS)
+    run_sweep("tiny-cpu", ALLOCS, [1, 2], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7",
+                                                                    max_nonfinite=10), quiet=True, jobs=JOBS)
     # a third run that dies early: three consecutive non-finite steps with max_nonfinite=3
     run_sweep("tiny-cpu", ["all-dgram"], [1], out, overrides=overrides(data_dir, inject_nonfinite_at="5,6,7",
                                                                           max_nonfinite=3), quiet=True)
@@ -288,7 +288,7 @@ def test_compare_reads_muon_weight_decay_as_the_decay_it_stood_for(tmp_path):
 
 def test_every_allocation_keeps_its_own_colour_past_ten():
     from matplotlib.colors import to_hex
-    from manifold_muon.figures import allocation_colour
+    from manifold_muon.lab.figures import allocation_colour
     for count in (5, 10, 11, 16):
         colours = [to_hex(allocation_colour(i, count)) for i in range(count)]
         assert len(set(colours)) == count, (count, colours)

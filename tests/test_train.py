@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from manifold_muon.config import apply_overrides, make_config
-from manifold_muon.model import GPT, ModelConfig
-from manifold_muon.optim import resolve
-from manifold_muon.runio import atomic_save, read_jsonl
-from manifold_muon.train import Trainer, train
+from manifold_muon.lab.config import apply_overrides, make_config
+from manifold_muon.lab.model import GPT, ModelConfig
+from manifold_muon.optim import PAPER_ALLOCATIONS, resolve
+from manifold_muon.lab.runio import atomic_save, read_jsonl
+from manifold_muon.lab.train import Trainer, train
 from conftest import VOCAB, free_port
 
 
@@ -35,7 +35,7 @@ def test_gpt2_small_is_124m_and_presets_resolve_on_both_architectures():
     assert round(GPT(ModelConfig()).num_params() / 1e6) == 124
     for arch in ("gpt2", "llama"):
         model = GPT(ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB))
-        for alloc in ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv"):
+        for alloc in PAPER_ALLOCATIONS:
             groups = resolve(model, alloc)
             assert {g["manifold"] for g in groups if g["algorithm"] == "muon"} >= ({"none"} if alloc == "unconstrained" else {"stiefel"} if "stiefel" in alloc else {"dgram"})
 
@@ -151,7 +151,7 @@ def _ddp_rank_counting_live_wrappers(rank, port, cfg, counts):
     when the process group is destroyed."""
     import gc
     import torch.distributed as dist
-    from manifold_muon import train as train_module
+    from manifold_muon.lab import train as train_module
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     destroy = dist.destroy_process_group
@@ -188,7 +188,7 @@ def test_config_overrides_are_typed_and_checked():
 
 
 def test_dual_steps_caps_the_improved_solver_only():
-    from manifold_muon.train import _param_groups
+    from manifold_muon.lab.train import _param_groups
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=VOCAB))
     improved = _param_groups(model, make_config("tiny-cpu", {"allocation": "hetero", "dual_steps": "8"}))
     paper = _param_groups(model, make_config("tiny-cpu", {"allocation": "hetero", "dual_steps": "8", "mode": "paper"}))
@@ -198,7 +198,7 @@ def test_dual_steps_caps_the_improved_solver_only():
 
 
 def test_muon_weight_decay_moves_muons_decayed_groups_and_leaves_adamw_and_undecayed_groups():
-    from manifold_muon.train import _param_groups
+    from manifold_muon.lab.train import _param_groups
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=VOCAB))
 
     def decay(allocation, **overrides):

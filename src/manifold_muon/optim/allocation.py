@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .manifolds import get_manifold
-from .optimizer import ALGORITHMS, DEFAULTS, FLATTENED_WEIGHT_HINT, effective
+from .options import ALGORITHMS, DEFAULTS, FLATTENED_WEIGHT_HINT, effective
 
-__all__ = ["Rule", "PRESETS", "resolve", "get_preset", "format_allocation", "allocation_records",
-           "ATTENTION", "MLP", "NAMING_CONVENTIONS"]
+__all__ = ["Rule", "PRESETS", "PAPER_ALLOCATIONS", "PRESET_ALIASES", "register_preset", "resolve", "get_preset",
+           "format_allocation", "allocation_records", "save_allocation", "muon_rule", "adamw_rule", "split_preset",
+           "ATTENTION", "MLP", "ANY", "REST", "NAMING_CONVENTIONS"]
 
 #: Where attention's and the MLP's matrices sit, by parameter name, per naming convention:
 #: (attention pattern, MLP pattern).  Read off the parameter names of tiny models built with
@@ -57,7 +59,7 @@ ATTENTION = "|".join(f"({attention})" for attention, _ in NAMING_CONVENTIONS.val
 MLP = "|".join(f"({mlp})" for _, mlp in NAMING_CONVENTIONS.values())
 ANY = r"."
 
-# The paper's hyperparameters (reference code defaults, DESIGN.md section 4).
+# The paper's hyperparameters (its reference code's defaults).
 ADAMW_LR, ADAMW_WD, MUON_LR = 6e-4, 0.1, 0.02
 
 
@@ -83,7 +85,10 @@ class Rule:
         bad = set(group_overrides) - set(allowed)
         if bad:
             raise ValueError(f"unknown group option(s) {sorted(bad)}; valid choices: {', '.join(allowed)}")
-        re.compile(pattern)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"rule pattern {pattern!r} is not a valid regular expression: {e}") from None
         object.__setattr__(self, "pattern", pattern)
         object.__setattr__(self, "algorithm", algorithm)
         object.__setattr__(self, "manifold", manifold)
@@ -103,77 +108,82 @@ class Rule:
 _PATTERN_NAMES = {ATTENTION: "ATTENTION", MLP: "MLP"}
 
 
-def _muon(pattern, manifold, weight_decay=None):
-    # Unconstrained Muon keeps the paper's decoupled weight decay; manifold weights get none
-    # (as in the reference code) unless a preset asks for it.
+def muon_rule(pattern: str, manifold: str, weight_decay: float | None = None) -> Rule:
+    """Muon at the paper's rate on ``manifold``.  Unconstrained Muon keeps the paper's decoupled
+    weight decay (0.1); manifold weights get none, as in the paper, unless asked."""
     if weight_decay is None:
         weight_decay = ADAMW_WD if manifold == "none" else 0.0
     return Rule(pattern, "muon", manifold, lr=MUON_LR, weight_decay=weight_decay)
 
 
-def _dgram_with_decay(pattern):
-    # DGram leaves column norms free; this gives them unconstrained Muon's decoupled weight decay
-    # (0.1, toward 0), so the only difference from "unconstrained" is the DGram constraint.
-    return _muon(pattern, "dgram", weight_decay=ADAMW_WD)
-
-
-def _adamw(pattern, manifold="none"):
+def adamw_rule(pattern: str, manifold: str = "none") -> Rule:
+    """AdamW at the paper's rate; with a manifold, the AdamW step is followed by a retraction."""
     return Rule(pattern, "adamw", manifold, lr=ADAMW_LR, weight_decay=0.0 if manifold != "none" else ADAMW_WD)
 
 
-# Everything the matrix rules did not claim: AdamW, decay on 2D+ only (the paper's split).
-_REST = (Rule(ANY, "adamw", ndim=1, lr=ADAMW_LR, weight_decay=0.0), Rule(ANY, "adamw", lr=ADAMW_LR, weight_decay=ADAMW_WD))
+#: Everything the matrix rules did not claim: AdamW, decay on 2D+ only (the paper's split).
+REST = (Rule(ANY, "adamw", ndim=1, lr=ADAMW_LR, weight_decay=0.0), Rule(ANY, "adamw", lr=ADAMW_LR, weight_decay=ADAMW_WD))
 
 
-def _split(attention, mlp):
-    """Build a preset from a rule for attention and one for the MLP."""
-    return (attention(ATTENTION), mlp(MLP)) + _REST
+def split_preset(attention: Rule, mlp: Rule) -> tuple[Rule, ...]:
+    """A preset from a rule for attention's matrices and one for the MLP's (patterns
+    :data:`ATTENTION` and :data:`MLP`), the rest AdamW."""
+    return (attention, mlp) + REST
 
+
+def _geometries(attention: str, mlp: str, rule=muon_rule) -> tuple[Rule, ...]:
+    return split_preset(rule(ATTENTION, attention), rule(MLP, mlp))
+
+
+#: The paper's five allocations, in its order: (attention, MLP) geometry under Muon.
+PAPER_ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
+_PAPER_GEOMETRIES = (("none", "none"), ("stiefel", "stiefel"), ("dgram", "dgram"), ("stiefel", "dgram"),
+                     ("dgram", "stiefel"))
 
 PRESETS: dict[str, tuple[Rule, ...]] = {
-    # the paper's five allocations (Manifold Muon)
-    "unconstrained": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),
-    "all-stiefel": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "stiefel")),
-    "all-dgram": _split(lambda p: _muon(p, "dgram"), lambda p: _muon(p, "dgram")),
-    "hetero": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "dgram")),
-    "hetero-inv": _split(lambda p: _muon(p, "dgram"), lambda p: _muon(p, "stiefel")),
-    # scale control (beyond the paper): DGram with column norms, hence sigma_max, capped at 1
-    "all-dgram-capped": _split(lambda p: _muon(p, "dgram-capped"), lambda p: _muon(p, "dgram-capped")),
-    "hetero-inv-capped": _split(lambda p: _muon(p, "dgram-capped"), lambda p: _muon(p, "stiefel")),
-    # the same with a looser cap of 2: does it keep the cure at a high rate without the price at a low one?
-    "all-dgram-cap2": _split(lambda p: _muon(p, "dgram-cap2"), lambda p: _muon(p, "dgram-cap2")),
-    "hetero-inv-cap2": _split(lambda p: _muon(p, "dgram-cap2"), lambda p: _muon(p, "stiefel")),
-    # a soft cap: the overshoot above 1 decays like weight decay 0.1 (the paper's), toward 1 not 0
-    "all-dgram-decay": _split(lambda p: _muon(p, "dgram-decay"), lambda p: _muon(p, "dgram-decay")),
-    "hetero-inv-decay": _split(lambda p: _muon(p, "dgram-decay"), lambda p: _muon(p, "stiefel")),
-    # plain DGram with ordinary weight decay 0.1 toward 0, as unconstrained Muon has: is the
-    # failure of DGram attention only a missing weight decay?
-    "all-dgram-wd": _split(_dgram_with_decay, _dgram_with_decay),
-    "hetero-inv-wd": _split(_dgram_with_decay, lambda p: _muon(p, "stiefel")),
-    # hetero with the same decay on its DGram MLP: the fair rival of all-dgram-wd
-    "hetero-wd": _split(lambda p: _muon(p, "stiefel"), _dgram_with_decay),
-    # hetero with a plain Muon MLP (decay 0.1): attention's geometry is its only difference from
-    # unconstrained, so it asks whether Stiefel attention beats the strongest baseline at all
-    "hetero-muon": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "none")),
-    # the converse control: unconstrained Muon without its weight decay. Does it drift like DGram?
-    "unconstrained-no-wd": _split(lambda p: _muon(p, "none", weight_decay=0.0),
-                                  lambda p: _muon(p, "none", weight_decay=0.0)),
-    # the seed plan's nine
-    "baseline": _split(_adamw, _adamw),
-    "muon_all": _split(lambda p: _muon(p, "none"), lambda p: _muon(p, "none")),
-    "muon_attention": _split(lambda p: _muon(p, "none"), _adamw),
-    "muon_ffn": _split(_adamw, lambda p: _muon(p, "none")),
-    "stiefel_all": _split(lambda p: _adamw(p, "stiefel"), lambda p: _adamw(p, "stiefel")),
-    "stiefel_attention": _split(lambda p: _adamw(p, "stiefel"), _adamw),
-    "stiefel_ffn": _split(_adamw, lambda p: _adamw(p, "stiefel")),
-    "spectral_all": _split(lambda p: _adamw(p, "spectral"), lambda p: _adamw(p, "spectral")),
-    "manifold_muon": _split(lambda p: _muon(p, "stiefel"), lambda p: _muon(p, "stiefel")),
-}
+    name: _geometries(attention, mlp) for name, (attention, mlp) in zip(PAPER_ALLOCATIONS, _PAPER_GEOMETRIES)}
+PRESETS.update({
+    # the nine of the plan the paper grew from: AdamW baseline, Muon placements, "wrap any
+    # optimizer" (an AdamW step, then a Stiefel retraction), the spectral-norm ball
+    "baseline": _geometries("none", "none", adamw_rule),
+    "muon-all": _geometries("none", "none"),
+    "muon-attention": split_preset(muon_rule(ATTENTION, "none"), adamw_rule(MLP)),
+    "muon-ffn": split_preset(adamw_rule(ATTENTION), muon_rule(MLP, "none")),
+    "stiefel-all": _geometries("stiefel", "stiefel", adamw_rule),
+    "stiefel-attention": split_preset(adamw_rule(ATTENTION, "stiefel"), adamw_rule(MLP)),
+    "stiefel-ffn": split_preset(adamw_rule(ATTENTION), adamw_rule(MLP, "stiefel")),
+    "spectral-all": _geometries("spectral", "spectral", adamw_rule),
+    "manifold-muon": _geometries("stiefel", "stiefel"),
+})
 
-PAPER_ALLOCATIONS = ("unconstrained", "all-stiefel", "all-dgram", "hetero", "hetero-inv")
+#: Earlier names, kept working with a DeprecationWarning.
+PRESET_ALIASES = {old.replace("-", "_"): old for old in
+                  ("muon-all", "muon-attention", "muon-ffn", "stiefel-all", "stiefel-attention", "stiefel-ffn",
+                   "spectral-all", "manifold-muon")}
+
+
+def register_preset(name: str, rules) -> tuple[Rule, ...]:
+    """Make a sequence of :class:`Rule` nameable as a preset (``resolve(model, name)``, the
+    lab's ``--allocation``).  Names are kebab-case; a taken name is an error unless the rules
+    are the same."""
+    rules = tuple(rules)
+    if not rules or not all(isinstance(r, Rule) for r in rules):
+        raise TypeError(f"register_preset({name!r}, rules) needs a non-empty sequence of Rule")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]+(-[a-z0-9.]+)*", name):
+        raise ValueError(f"preset name {name!r} must be kebab-case (lowercase words joined by '-')")
+    known = PRESETS.get(name)
+    if known is not None and known != rules or name in PRESET_ALIASES:
+        raise ValueError(f"preset name {name!r} is taken; choose another name")
+    PRESETS[name] = rules
+    return rules
 
 
 def get_preset(name: str) -> tuple[Rule, ...]:
+    """The rules of a named preset (raises with the valid names if unknown)."""
+    if isinstance(name, str) and name in PRESET_ALIASES:
+        warnings.warn(f"preset name {name!r} is deprecated; use {PRESET_ALIASES[name]!r}", DeprecationWarning,
+                      stacklevel=2)
+        name = PRESET_ALIASES[name]
     try:
         return PRESETS[name]
     except (KeyError, TypeError):

@@ -3,9 +3,8 @@ the library first compiles.
 
 A few helpers must be constants to a compiled graph (``torch.compiler.assume_constant_result``):
 a fixed start block made with a seeded generator, a per-process hardware probe.  Marking them
-at import would import ``torch._dynamo``, which took about 2 s of a 4.6 s
-``import manifold_muon`` on this project's 2-core CPU, paid by every ``manifold-muon`` command
-(``--help``, ``report``, ``compare``, ``pack``...).  So they are registered here at import and
+at import would import ``torch._dynamo``, a large share of ``import manifold_muon``'s time,
+paid by every ``manifold-muon`` command (``--help``, ``report``, ``compare``, ``pack``...).  So they are registered here at import and
 marked by :func:`mark_compile_constants`, which the optimizer calls before its first
 ``torch.compile`` (the ``compile`` group key).  (A process that builds any torch optimizer
 loads ``torch._dynamo`` anyway: ``torch.optim.Optimizer.add_param_group`` does, torch 2.13.)

@@ -39,7 +39,8 @@ Three modes:
       spectral norm <= 1.  This makes the result feasible to rounding whatever
       the dual reached.  It is what handles square DGram, where every
       ``msign`` output is orthogonal and no multiplier makes it tangent: there the
-      repair *is* the answer (projected dual-ascent direction, rescaled).
+      solver runs no iterations, and the repaired exact warm start is the answer, a
+      deterministic direction that depends continuously on ``W`` and ``G``.
 * ``"fast"``: the improved mode's warm start and repair with no dual iterations and no
   carried multiplier: ``A = repair(msign(G - W S0))``, one msign per matrix (in bfloat16
   unless told otherwise; the warm start is built in the msign's dtype, which rounds it to
@@ -47,12 +48,9 @@ Three modes:
   plus three float32 ``m n^2`` products.  Its repair
   rescales by an estimate of the spectral norm (block Lanczos plus a residual term, which errs
   upward: ``spectral_norm_estimate``) instead of an eigendecomposition (slow on GPUs), so
-  ``||A||_2 <= 1`` holds to that estimate's accuracy: at most 4.8e-4 above 1 on 4,560
-  directions along fast-mode training, and up to 9.6e-3 below it (a slightly shorter step).  On the
-  momenta of tiny GPTs (``benchmarks/direction_quality.py``) it was as well aligned as 64
-  L-BFGS iterations, and better than
-  2-16 of them (repairing an unconverged iterate loses alignment), and better than the
-  paper's 20 steps once those are made feasible.
+  ``||A||_2 <= 1`` holds to that estimate's accuracy (tested to 1e-3), and the step may come
+  out slightly shorter than it could be.  ``benchmarks/direction_quality.py`` measures its
+  alignment against the other modes on real momenta.
 """
 from __future__ import annotations
 
@@ -77,13 +75,12 @@ PAPER_DEFAULTS = dict(steps=20, alpha=0.1, tol=1e-6)
 IMPROVED_DEFAULTS = dict(steps=128, alpha=0.05, tol=2e-4)
 FAST_DEFAULTS = dict(IMPROVED_DEFAULTS, steps=0)
 # Fast mode's Polar Express runs the 7 optimised polynomials and skips the 3 repeats of the
-# convergent last one: on cpu-small's real momenta and at GPT-2 small's shapes its alignment
-# was within 3e-4 of 10 steps or better (bf16 rounding grows over the extra steps), and
-# 30% of the msign cheaper.  5 steps lost 0.004-0.1.
+# convergent last one: 30% of the msign cheaper, at an alignment within bf16 rounding of 10
+# steps (benchmarks/fast_path.py); fewer steps lose alignment.
 FAST_MSIGN_STEPS = 7
 # Where the improved solver evaluates its dual (nuclear_dual.py): on the m x n matrix, or in
-# n x n Gram space in float64 (opt-in until a GPU measures it: it pays only where float64
-# matmuls run near float32's speed, as on H100 tensor cores; on this project's CPU it did not).
+# n x n Gram space in float64 (opt-in: it pays only where float64 matmuls run near float32's
+# speed, as on H100 tensor cores, not on CPUs).
 DUAL_FORMS = ("matrix", "gram")
 
 
@@ -250,7 +247,7 @@ def _repair(manifold, w, a, violation, estimate_norm):
 
     The factor 1 + 1e-6 absorbs the Gram's float32 rounding so the bound holds strictly.
     Fast mode trades that strictness for speed: its norm is an estimate that errs upward (see
-    spectral_norm_estimate), so its ||A||_2 may exceed 1 by the rare shortfall (4.8e-4 seen)."""
+    spectral_norm_estimate), so its ||A||_2 may exceed 1 by that estimate's rare shortfall."""
     a = a - w @ manifold.normal_coefficients(w, a, projected=2 * violation)
     norm = spectral_norm_estimate(a) if estimate_norm else spectral_norm(a)
     return a / (norm * (1 + 1e-6)).clamp(min=1.0)[..., None, None]
@@ -280,6 +277,11 @@ def _improved(manifold, w, g, steps, alpha, tol, sign, dual_init, gram_schedule)
     if dual_init is not None:
         starts.append(manifold.project(sym(dual_init.to(g.dtype))))
     dual = GramDual(manifold, w, g, gram_schedule) if gram_schedule else MatrixDual(manifold, w, g, sign)
+    if manifold.degenerate_when_square and w.shape[-2] == w.shape[-1]:
+        # No multiplier makes a square DGram direction tangent; iterating would stop wherever the
+        # cap falls, a discontinuous answer.  The repaired exact warm start depends continuously
+        # on W and G, and is deterministic.
+        starts, steps = starts[:1], 0
     a, violation, s, taken, violation_start = _lbfgs_direction(dual, starts, steps, alpha, tol)
     return _repair(manifold, w, a, violation, estimate_norm=False), s, taken, violation_start, dual.evaluations
 

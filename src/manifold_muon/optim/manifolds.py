@@ -61,6 +61,9 @@ class Manifold:
     name: str = "none"
     #: True where the dual-ascent direction solver applies (P is not zero).
     has_dual: bool = False
+    #: True where a square matrix makes the direction problem degenerate: every msign output
+    #: is orthogonal and none is tangent (DGram), so no multiplier solves it.
+    degenerate_when_square: bool = False
 
     # ---- projector on symmetric n x n matrices -------------------------------------------
     def project(self, s: torch.Tensor) -> torch.Tensor:
@@ -173,9 +176,8 @@ class DGram(Manifold):
     ``cap`` (scale control, beyond the paper): after each retraction, columns longer than
     ``cap`` are shortened to it.  On DGram the singular values *are* the column norms, so
     this bounds ``sigma_max(W) <= cap`` while leaving columns free to shrink; the direction
-    is DGram's (the cap acts as a projection, as weight clipping would).  ``dgram-capped``
-    uses ``cap=1``, the Stiefel scale; ``dgram-cap2`` the looser ``cap=2``, which lets a
-    query-key product reach 4x the logits Stiefel allows.
+    is DGram's (the cap acts as a projection, as weight clipping would).  ``cap=1`` is the
+    Stiefel scale; ``cap=2`` lets a query-key product reach 4x the logits Stiefel allows.
 
     ``cap_decay`` (a soft cap): instead of clipping, each optimizer step multiplies the part
     of a column's norm above ``cap`` by ``1 - lr * cap_decay`` (``decay_toward_bound``):
@@ -184,12 +186,12 @@ class DGram(Manifold):
     lengthens a column by at most ``lr`` (a direction of spectral norm 1), its overshoot
     settles below ``(1 - lr d) / d`` for ``d = cap_decay``, whatever the rate: about ``1 / d``.
     The set is then DGram itself (``residual`` ignores the overshoot); ``init`` still clips,
-    so training starts within the cap.  ``dgram-decay`` uses ``cap=1`` and ``cap_decay=0.1``,
-    the paper's weight decay.
+    so training starts within the cap.  ``cap=1, cap_decay=0.1`` matches the paper's weight decay.
     """
 
     name: str = "dgram"
     has_dual: bool = True
+    degenerate_when_square: bool = True
     retraction: str = "polar_colnorm"
     cap: float | None = None
     cap_decay: float | None = None
@@ -286,9 +288,6 @@ MANIFOLDS = {
     "stiefel": Stiefel(),
     "dgram": DGram(),
     "dgram-svd": DGram(name="dgram-svd", retraction="svd"),
-    "dgram-capped": DGram(name="dgram-capped", cap=1.0),
-    "dgram-cap2": DGram(name="dgram-cap2", cap=2.0),
-    "dgram-decay": DGram(name="dgram-decay", cap=1.0, cap_decay=0.1),
     "oblique": Oblique(),
     "spectral": SpectralBall(),
 }
@@ -308,7 +307,8 @@ def register_manifold(manifold: Manifold) -> Manifold:
 
 
 def get_manifold(name: str | Manifold) -> Manifold:
-    """Look a manifold up by name (``none, stiefel, dgram, dgram-svd, dgram-capped, dgram-cap2, dgram-decay, oblique, spectral``)."""
+    """Look a manifold up by name: ``none, stiefel, dgram, dgram-svd, oblique, spectral``, or one
+    added with :func:`register_manifold`."""
     if isinstance(name, Manifold):
         return name
     try:

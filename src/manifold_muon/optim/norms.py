@@ -74,19 +74,18 @@ def top_ritz_pair(gram: torch.Tensor, steps: int = 16, block: int = 2) -> tuple[
 def spectral_norm_estimate(a: torch.Tensor, steps: int = 16, block: int = 2) -> torch.Tensor:
     """``||A||_2`` per matrix, estimated from slightly above, with matmuls only (float32, or float64).
 
-    Why not :func:`spectral_norm`: a batched eigendecomposition is slow on GPUs (48 fp32
-    ``768 x 768`` eighs took 443 ms on an H100, DESIGN.md section 8), and the fast mode's
-    repair needs one per matrix per step.  This runs block Lanczos on the small Gram ``M``
+    Why not :func:`spectral_norm`: a batched eigendecomposition of ``n x n`` Grams is slow on
+    GPUs (it costs more than a whole training step at GPT-2 small's shapes), and the fast
+    mode's repair needs one per matrix per step.  This runs block Lanczos on the small Gram ``M``
     (two fixed start vectors, 16 steps: a Krylov space of dimension 32, whose projected
     ``32 x 32`` eigenproblem is still one batched call on CUDA) and returns
     ``sqrt(theta + ||M y - theta y||)`` for its top Ritz pair ``(theta, y)``.  ``theta`` alone
     is a lower bound; from one start vector it fell up to 2.5e-2 short along fast-mode training
     (a start that barely touches the top eigenvector of a clustered top spectrum).  The
     residual is small once ``theta`` has converged and large when it has not, so adding it
-    errs upward.  That is measured, not proved: on 4,560 fast-mode directions (tiny GPTs of
-    widths 32-128 on a Markov chain, 60 steps; 2-layer GPTs of width 384 on the local corpus,
-    150 steps, hetero and all-dgram) it fell below the true norm rarely and by at most 4.8e-4,
-    and exceeded it by at most 9.6e-3 (a step that much shorter).  Each
+    errs upward.  That is measured, not proved (``benchmarks/norm_estimate.py`` measures how far
+    below the true norm it falls, rarely and by well under 1e-3, and above it, a step that
+    much shorter; the tests hold fast mode's norm to 1e-3 along training).  Each
     matrix's answer does not depend on its stack.
     """
     at, _ = as_tall(a)

@@ -16,14 +16,11 @@ candidate ``A``.
   ``m = n``.
 
   It runs in float64.  ``M`` squares the condition number of ``X``, whose singular values
-  near the dual's optimum span 1e3 and more, and float32 cannot resolve them: on the six
-  momenta of the direction tests' tiny GPT the float32 Gram form reached 0.12-0.98 of the dual
-  bound where the matrix form reached 0.987-0.999 (and TF32 went NaN, DESIGN.md section 2).
-  In float64 it matches the matrix form.  So it pays only where float64 matmuls run about as
-  fast as IEEE float32 ones (H100 tensor cores: both about 67 TFLOP/s).  On this project's
-  2-core CPU, where float64 runs at half speed, one evaluation over ``gpt2-reduced``'s four
-  shapes took 1.2x the float32 matrix form's time (float32 Gram form: 0.55x;
-  ``benchmarks/fast_path.py``).  Opt-in: ``dual_form="gram"``.
+  near the dual's optimum span 1e3 and more, and float32 cannot resolve them (the float32 Gram
+  form falls far short of the dual bound where the matrix form reaches it; TF32 goes NaN).  In
+  float64 it matches the matrix form.  So it pays only where float64 matmuls run about as fast
+  as IEEE float32 ones (H100 tensor cores), not on CPUs, where float64 runs at half speed
+  (``benchmarks/fast_path.py`` times both forms).  Opt-in: ``dual_form="gram"``.
 """
 from __future__ import annotations
 

@@ -11,17 +11,14 @@ So the optimizer and the library's public solver and manifold functions run thei
 matmuls at ``"highest"`` (IEEE) unless told otherwise: a param group's ``matmul_precision``
 (the optimizer enters :func:`float32_matmul_precision` for it) or an enclosing
 ``with float32_matmul_precision(level)`` block.  Lowering it is a speed lever for GPUs,
-where an IEEE float32 product costs several TF32 ones.  What it costs in constraint accuracy,
-measured on this project's CPU after one fast step of a Stiefel point (RMS of ``W^T W - I``):
-the reference code's retraction, a bf16 Polar Express, left 6e-5 to 2e-4; ours left 1e-8 at
-"highest" and 5e-5 to 2e-4 at "medium" (bf16 inside float32 matmuls there).  TF32 keeps 3
-more mantissa bits than bf16.  Deliberately
+where an IEEE float32 product costs several TF32 ones; its price is constraint accuracy
+(the speed page of the docs quotes it).  Deliberately
 low-precision work (the bf16 msign) is bf16 by dtype and unaffected by any of this.
 
 bf16 work on a CPU without bf16 units (:func:`low_precision_compute`) is bf16 values in
-float32 arithmetic: there a bf16 matmul falls back to a scalar kernel, 75x slower than the
-float32 one on this project's 2-core AVX2 CPU, where the float32 product with its result
-rounded to bf16 took 1/30 of the bf16 product's time.
+float32 arithmetic: there a bf16 matmul falls back to a scalar kernel many times slower than
+the float32 product with its result rounded to bf16, which computes the same values up to the
+order of the float32 sums (``benchmarks/bf16_emulation.py`` times both).
 """
 from __future__ import annotations
 
