@@ -17,7 +17,7 @@ group's matrices:
 * ``ms``: wall time of the solve for the whole group (relative only; ``--device`` picks where,
   default a GPU when present).
 
-This is the "fast mode" question of issue 5 measured without a GPU: how few iterations keep
+This asks, without a GPU, how few iterations keep
 the direction at least as good as the paper's.
 Usage: python benchmarks/direction_quality.py RUN_DIR [RUN_DIR ...] [--caps 0,2,4,8,16,32,128]
        [--device auto|cpu|cuda] [--random-tokens PRESET:ALLOCATION:STEPS ...] [--tag TAG]

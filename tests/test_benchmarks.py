@@ -98,7 +98,7 @@ def test_sharded_optimizer_times_every_layout_at_every_world_size(tmp_path):
 
 
 def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
-    # scripts/gpu.sh first is the one prepared call of a 15-minute GPU session: it must not rot here
+    # scripts/gpu.sh first is the one prepared call of a short GPU loan: it must not rot here
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_DRY": "1", "FIRST_S": "400"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu.sh"), "first"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -121,7 +121,7 @@ def test_gpu_first_stage_runs_end_to_end_at_toy_sizes(tmp_path):
 
 
 def test_gpu_sweep_stage_runs_side_by_side_packs_and_measures_quality(data_dir, tmp_path):
-    # scripts/gpu.sh sweep is how issues 6 and 7's runs will go; here at toy sizes on the test corpus
+    # scripts/gpu.sh sweep is how the GPU study runs; here at toy sizes on the test corpus
     results, out = tmp_path / "results", tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "PYTHON": sys.executable, "SWEEP_JOBS": "2",
            "QUALITY_S": "300"}

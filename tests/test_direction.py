@@ -23,10 +23,10 @@ def check_feasible(w, a, man, norm_tol=1e-9):
 
 
 @pytest.mark.parametrize("man,shape,seed", CASES)
-def test_default_direction_is_feasible_and_within_one_percent_of_the_dual_bound(man, shape, seed):
+def test_improved_direction_is_feasible_and_within_one_percent_of_the_dual_bound(man, shape, seed):
     w = point_on(man, *shape, seed=seed).float()
     g = momentum_like(*shape, seed=seed).float()
-    a = manifold_direction(w, g, man)
+    a = manifold_direction(w, g, man, mode="improved")
     check_feasible(w, a, man)
     bound = dual_bound(w, g, man)
     assert (g.double() * a.double()).sum() >= 0.99 * bound
@@ -36,7 +36,7 @@ def test_default_direction_is_feasible_and_within_one_percent_of_the_dual_bound(
 def test_certificate_also_holds_for_gaussian_gradients_and_tiny_scales(man):
     w = point_on(man, 80, 40, seed=5).float()
     g = 1e-4 * torch.randn(80, 40, generator=torch.Generator().manual_seed(5))
-    a = manifold_direction(w, g, man)
+    a = manifold_direction(w, g, man, mode="improved")
     check_feasible(w, a, man)
     assert (g.double() * a.double()).sum() >= 0.99 * dual_bound(w, g, man)
 
@@ -47,7 +47,7 @@ def test_square_stiefel_needs_no_dual_steps_and_is_optimal_even_with_a_bad_carri
     bad = torch.randn(48, 48, generator=torch.Generator().manual_seed(9))
     bound = dual_bound(w, g, "stiefel")
     for dual_init in (None, bad):
-        r = solve_direction(w, g, "stiefel", dual_init=dual_init)
+        r = solve_direction(w, g, "stiefel", dual_init=dual_init, mode="improved")
         assert r.steps_taken == 0
         check_feasible(w, r.direction, "stiefel")
         assert (g.double() * r.direction.double()).sum() >= 0.999 * bound
@@ -56,8 +56,8 @@ def test_square_stiefel_needs_no_dual_steps_and_is_optimal_even_with_a_bad_carri
 def test_a_carried_dual_restarts_near_the_optimum():
     w = point_on("dgram", 96, 32, seed=4).float()
     g = momentum_like(96, 32, seed=4).float()
-    cold = solve_direction(w, g, "dgram")
-    warm = solve_direction(w, g, "dgram", dual_init=cold.dual)
+    cold = solve_direction(w, g, "dgram", mode="improved")
+    warm = solve_direction(w, g, "dgram", dual_init=cold.dual, mode="improved")
     assert warm.steps_taken < cold.steps_taken // 2
     assert (g * warm.direction).sum() >= 0.999 * (g * cold.direction).sum()
 
@@ -68,7 +68,7 @@ def test_square_dgram_is_repaired_to_a_feasible_descent_direction():
     # skewed gradients (measured), which is the documented price of the degeneracy.
     w = point_on("dgram", 32, 32, seed=1).float()
     g = momentum_like(32, 32, seed=1).float()
-    a = manifold_direction(w, g, "dgram")
+    a = manifold_direction(w, g, "dgram", mode="improved")
     check_feasible(w, a, "dgram")
     assert get_manifold("dgram").tangent_violation(w, a) < 1e-6
     assert (g.double() * a.double()).sum() >= 0.75 * dual_bound(w, g, "dgram")
@@ -77,7 +77,7 @@ def test_square_dgram_is_repaired_to_a_feasible_descent_direction():
 def test_improved_mode_is_scale_free_and_paper_mode_is_not():
     w = point_on("dgram", 64, 32, seed=3).float()
     g = momentum_like(64, 32, seed=3).float()
-    big, small = manifold_direction(w, g, "dgram"), manifold_direction(w, 1e-3 * g, "dgram")
+    big, small = manifold_direction(w, g, "dgram", mode="improved"), manifold_direction(w, 1e-3 * g, "dgram", mode="improved")
     # equal up to float32 rounding steering L-BFGS slightly differently
     assert (big - small).norm() < 1e-2 * big.norm()
     pbig = manifold_direction(w, g, "dgram", mode="paper")
@@ -88,11 +88,11 @@ def test_improved_mode_is_scale_free_and_paper_mode_is_not():
 def test_stack_and_wide_inputs_match_single_tall_solves():
     ws = torch.stack([point_on("dgram", 60, 20, seed=s) for s in range(3)]).float()
     gs = torch.stack([momentum_like(60, 20, seed=s) for s in range(3)]).float()
-    stacked = manifold_direction(ws, gs, "dgram")
+    stacked = manifold_direction(ws, gs, "dgram", mode="improved")
     for i in range(3):  # converged matrices freeze, so a stack solves each matrix as if alone
-        torch.testing.assert_close(stacked[i], manifold_direction(ws[i], gs[i], "dgram"), atol=1e-6, rtol=0)
-    wide = manifold_direction(ws[0].mT, gs[0].mT, "dgram")
-    torch.testing.assert_close(wide, manifold_direction(ws[0], gs[0], "dgram").mT, atol=1e-6, rtol=0)
+        torch.testing.assert_close(stacked[i], manifold_direction(ws[i], gs[i], "dgram", mode="improved"), atol=1e-6, rtol=0)
+    wide = manifold_direction(ws[0].mT, gs[0].mT, "dgram", mode="improved")
+    torch.testing.assert_close(wide, manifold_direction(ws[0], gs[0], "dgram", mode="improved").mT, atol=1e-6, rtol=0)
 
 
 def _polar(x):
@@ -153,7 +153,7 @@ def momenta_after_fast_mode_steps(d=32, steps=30):
             for group in opt.param_groups if group["manifold"] in ("stiefel", "dgram") for p in group["params"]]
 
 
-def test_default_direction_reaches_the_bound_on_real_training_momenta():
+def test_improved_direction_reaches_the_bound_on_real_training_momenta():
     # Training momenta are harder than the random problems: the default solver reaches
     # 0.982-0.999 of the bound on these with 2 threads and 0.987-0.999 with 1 (rounding changes
     # the L-BFGS path); fast mode 0.83-0.93.
@@ -161,7 +161,7 @@ def test_default_direction_reaches_the_bound_on_real_training_momenta():
     for w, g, manifold in momenta_after_fast_mode_steps():
         if w.shape[0] == w.shape[1]:
             continue  # square Stiefel is exact by construction (tested above)
-        a = manifold_direction(w, g, manifold)
+        a = manifold_direction(w, g, manifold, mode="improved")
         check_feasible(w, a, manifold)
         bound = dual_bound(w, g, manifold)
         assert (g.double() * a.double()).sum() >= 0.97 * bound
@@ -176,7 +176,7 @@ def test_default_direction_reaches_the_bound_on_real_training_momenta():
 def test_fast_mode_is_the_improved_warm_start_and_repair_without_steps(man, shape):
     w = point_on(man, *shape, seed=2).float()
     g = momentum_like(*shape, seed=2).float()
-    carried = solve_direction(w, g, man).dual   # a better start than the warm start: improved would take it
+    carried = solve_direction(w, g, man, mode="improved").dual   # a better start than the warm start: improved would take it
     # With the same msign fast mode is exactly that (fast ignores the carried dual); only the
     # rescale differs (fast: an estimate of the norm).
     fast = solve_direction(w, g, man, mode="fast", dual_init=carried, dtype=torch.float32, msign_steps=10)

@@ -48,7 +48,7 @@ def sharded_model_and_optimizer(layout="replicated", model_name="nanogpt", seed=
     torch.manual_seed(seed)
     model = build_model(model_name)
     shard_model(model, layout, dist.get_world_size() if dist.is_initialized() else 1)
-    return model, ManifoldMuon(resolve(model, "hetero", **overrides), process_group=process_group)
+    return model, ManifoldMuon(resolve(model, "hetero", **{"mode": "improved", **overrides}), process_group=process_group)
 
 
 def take_steps(model, opt, layout, steps, data_seed=0):

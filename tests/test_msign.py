@@ -109,7 +109,7 @@ def test_near_orthogonal_msign_matches_the_svd_polar_factor(shape, spread):
 @pytest.mark.parametrize("method", ["polar_express", "newton_schulz"])
 def test_bf16_without_bf16_units_is_bf16_rounding_in_float32_arithmetic(bf16_units, method):
     # On a CPU without bf16 units a bf16 matmul is a scalar fallback (75x the float32 one on
-    # this project's AVX2 CPU); emulated, every product is float32 and rounded to bf16.
+    # an AVX2 CPU); emulated, every product is float32 and rounded to bf16.
     x, polar = with_condition(96, 32, 10.0, batch=(3,))
     bf16_units(True)
     native, native_dtypes = matmul_dtypes(lambda: msign(x.float(), method, dtype=torch.bfloat16))

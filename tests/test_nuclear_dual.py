@@ -39,7 +39,7 @@ def test_gram_form_solves_float32_problems_as_well_as_the_matrix_form(man):
     w, g = point_on(man, 128, 32, seed=6).float(), momentum_like(128, 32, seed=6).float()
     bound = dual_bound(w, g, man)
     for form in ("matrix", "gram"):
-        r = solve_direction(w, g, man, dual_form=form)
+        r = solve_direction(w, g, man, dual_form=form, mode="improved")
         assert r.direction.dtype == torch.float32
         assert get_manifold(man).tangent_violation(w, r.direction) < 1e-6
         assert (g.double() * r.direction.double()).sum() >= 0.98 * bound, form
@@ -58,9 +58,9 @@ def test_dgram_solve_is_invariant_to_the_scale_of_w():
     # scaled by the columns' length; with a fixed first step, 30 W failed every line search and
     # returned its warm start (0.82 alignment where 0.97 was reachable, at 8x the evaluations).
     w, g = point_on("dgram", 192, 48, seed=7).float(), momentum_like(192, 48, seed=7).float()
-    base = solve_direction(w, g, "dgram", steps=32)
+    base = solve_direction(w, g, "dgram", steps=32, mode="improved")
     for c in (30.0, 0.03):
-        scaled = solve_direction(c * w, g, "dgram", steps=32)
+        scaled = solve_direction(c * w, g, "dgram", steps=32, mode="improved")
         assert scaled.evaluations <= 1.5 * base.evaluations
         torch.testing.assert_close(scaled.direction, base.direction, atol=2e-3 * base.direction.abs().max().item(), rtol=0)
 
@@ -69,9 +69,9 @@ def test_a_first_step_far_too_long_is_recovered_from():
     # alpha is only the first step; 1e4 fails its whole line search.  Without curvature pairs
     # the solver used to repeat that search until its cap; now it retries from below it.
     w, g = point_on("dgram", 96, 24, seed=8).float(), momentum_like(96, 24, seed=8).float()
-    good = alignment(g, solve_direction(w, g, "dgram", steps=48).direction)
-    warm = alignment(g, solve_direction(w, g, "dgram", steps=0).direction)
-    far = alignment(g, solve_direction(w, g, "dgram", steps=48, alpha=1e4).direction)
+    good = alignment(g, solve_direction(w, g, "dgram", steps=48, mode="improved").direction)
+    warm = alignment(g, solve_direction(w, g, "dgram", steps=0, mode="improved").direction)
+    far = alignment(g, solve_direction(w, g, "dgram", steps=48, alpha=1e4, mode="improved").direction)
     assert good > warm + 0.01            # there is something to recover
     assert far >= good - 0.005
 
@@ -86,7 +86,8 @@ def test_optimizer_group_key_dual_form_gives_the_same_steps_as_the_matrix_form(m
     weights = {}
     for form in ("matrix", "gram"):
         p = torch.nn.Parameter(torch.randn(64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-        opt = ManifoldMuon([{"params": [p], "manifold": "dgram", "dual_form": form, "msign_dtype": "float64"}])
+        opt = ManifoldMuon([{"params": [p], "manifold": "dgram", "mode": "improved", "dual_form": form,
+                                "msign_dtype": "float64"}])
         for g in grads:
             p.grad = g.clone()
             opt.step()

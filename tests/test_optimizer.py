@@ -157,7 +157,7 @@ def test_amp_grad_scaler_unscales_before_the_step_and_skips_a_step_with_an_inf_g
     def train(scaler, overflow_at=None):
         torch.manual_seed(0)
         model = TinyGPT()
-        opt = ManifoldMuon(resolve(model, "hetero", dual_steps=5))   # few: quick; duals still carried
+        opt = ManifoldMuon(resolve(model, "hetero", mode="improved", dual_steps=5))   # few: quick; duals still carried
         before = []
         for step, (x, y) in enumerate(batches):
             opt.zero_grad()
@@ -216,7 +216,7 @@ def test_hetero_trains_on_manifold_deterministically_and_resumes_identically():
         torch.manual_seed(seed)
         model = TinyGPT()
         # 32 dual iterations: this test is about training behaviour, not solver quality
-        return model, ManifoldMuon(resolve(model, "hetero", dual_steps=32))
+        return model, ManifoldMuon(resolve(model, "hetero", mode="improved", dual_steps=32))
 
     model, opt = run()
     losses = _train(model, opt, batches[:60])
@@ -257,7 +257,7 @@ def test_bad_groups_name_the_valid_choices():
         ManifoldMuon([{"params": p[1:], "algorithm": "muon"}])
     with pytest.raises(TypeError, match="unknown ManifoldMuon option"):
         ManifoldMuon(p[:1], learning_rate=0.1)
-    with pytest.raises(ValueError, match="msign_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="msign_steps must be an integer >= 1"):
         ManifoldMuon(p[:1], msign_steps=0)
     with pytest.raises(ValueError, match="mode='fast' takes no dual steps, got dual_steps=8"):
         ManifoldMuon(p[:1], manifold="stiefel", mode="fast", dual_steps=8)

@@ -221,7 +221,7 @@ class _Bench:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model).to(self.dev)
-        steps = cfg.dual_steps_for(extra.get("mode", "improved"))  # as in training
+        steps = cfg.dual_steps_for(extra["mode"]) if "mode" in extra else None  # as in training
         if alloc in ("torch-muon", "torch-adamw-fused"):
             opt = _TorchOptimizers(model, muon=alloc == "torch-muon")
         else:

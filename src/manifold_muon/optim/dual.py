@@ -293,7 +293,7 @@ def solve_direction(
     G: torch.Tensor,
     manifold: str | Manifold,
     *,
-    mode: str = "improved",
+    mode: str = "fast",
     steps: int | None = None,
     alpha: float | None = None,
     tol: float | None = None,
@@ -350,7 +350,7 @@ def solve_direction(
     return DirectionResult((a.mT if wide else a).to(G.dtype), lam, taken, v0, W, manifold, evaluations)
 
 
-def manifold_direction(W, G, manifold, *, mode: str = "improved", steps=None, alpha=None, tol=None,
+def manifold_direction(W, G, manifold, *, mode: str = "fast", steps=None, alpha=None, tol=None,
                        **kwargs) -> torch.Tensor:
     """The Manifold Muon direction ``A`` (same shape as ``G``); the update is ``W - lr * A``.
 

@@ -82,7 +82,7 @@ class GroupOptions:
     weight_decay: float | None = None
     momentum: float = 0.95
     nesterov: bool = True
-    mode: str = "improved"
+    mode: str = "fast"
     dual_steps: int | None = None
     dual_alpha: float | None = None
     dual_tol: float | None = None
@@ -147,28 +147,29 @@ def _as_float(key: str, value) -> float:
     return float(value)
 
 
-def _check_numbers(group: dict) -> None:
+def _check_rates(group: dict) -> None:
+    """lr, weight decay, momentum, eps and betas: finite numbers in their ranges."""
     lr, wd = _as_float("lr", group["lr"]), _as_float("weight_decay", group["weight_decay"])
     momentum, eps = _as_float("momentum", group["momentum"]), _as_float("eps", group["eps"])
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be finite and >= 0, got {lr}")
-    if not (math.isfinite(wd) and wd >= 0):
-        raise ValueError(f"weight_decay must be finite and >= 0, got {wd}")
+    for key, value in (("lr", lr), ("weight_decay", wd), ("eps", eps)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key} must be finite and >= 0, got {value}")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
         if not 0 <= _as_float(f"betas[{i}]", beta) < 1:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
-    for key in ("dual_steps", "msign_steps"):
+
+
+def _check_solver_numbers(group: dict) -> None:
+    """Step counts are integers (msign's at least 1); the solver's alpha and tol positive."""
+    for key, least in (("dual_steps", 0), ("msign_steps", 1)):
         steps = group[key]
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < (key == "msign_steps")):
-            raise ValueError(f"{key} must be a {'positive' if key == 'msign_steps' else 'non-negative'} integer "
-                             f"or None (the default), got {steps!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < least):
+            raise ValueError(f"{key} must be an integer >= {least} or None (the default), got {steps!r}")
     for key in ("dual_alpha", "dual_tol"):
         if group[key] is not None and not _as_float(key, group[key]) > 0:
             raise ValueError(f"{key} must be > 0 or None (the mode's default), got {group[key]!r}")
@@ -210,5 +211,6 @@ def validate_group(group: dict) -> None:
     or ``TypeError`` naming the bad key or value and the valid choices."""
     check_group_keys(group)
     _check_choices(group)
-    _check_numbers(group)
+    _check_rates(group)
+    _check_solver_numbers(group)
     _check_params(group)
