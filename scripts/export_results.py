@@ -7,8 +7,9 @@ of every raw file, and the commit that holds them, so that
 ``git checkout COMMIT -- results/<study>`` brings them back (``manifold-muon results restore``
 does it and checks every hash).
 
-Usage: python scripts/export_results.py [--commands docs/results/findings.md] [STUDY ...]
-(run from a checkout whose HEAD commit holds ``results/``).
+Usage: python scripts/export_results.py [STUDY ...]   (after `manifold-muon results restore`, `report`
+and `compare` have rebuilt ``results/<study>``; a new study: from a checkout whose HEAD commit
+holds its raw files, with ``--commands DOC`` naming the doc whose bash blocks hold its commands).
 """
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from manifold_muon.lab.archive import shell_lines  # noqa: E402
 RUN_FIELDS = ("run", "allocation", "mode", "seed", "status", "iters", "max_iters", "final_val_loss", "best_val_loss",
               "verdict", "criterion", "criterion_iter")
 
@@ -31,20 +35,13 @@ def git(*args: str) -> str:
 
 
 def study_commands(doc: str, study: str) -> list[str]:
-    """The ``manifold-muon`` lines of the doc's bash blocks that write ``results/<study>``, with
-    the blocks' ``NAME="..."`` shell variables expanded."""
+    """The ``manifold-muon`` lines of the doc's bash blocks that write ``results/<study>``."""
     found = []
-    for block in re.findall(r"^```bash\n(.*?)^```", doc, flags=re.S | re.M):
-        variables: dict[str, str] = {}
-        for line in block.splitlines():
-            assignment = re.fullmatch(r'([A-Z0-9_]+)="(.*)"', line.strip())
-            if assignment:
-                variables[assignment[1]] = assignment[2]
-                continue
-            line = re.sub(r"\$([A-Z0-9_]+)", lambda m: variables.get(m[1], m[0]), line).split("#")[0].strip()
-            words = shlex.split(line) if "manifold-muon" in line else []
-            if "--out" in words and words[words.index("--out") + 1].rstrip("/") == f"results/{study}":
-                found.append(line)
+    for line in shell_lines(doc):
+        line = line.split("#")[0].strip()
+        words = shlex.split(line) if "manifold-muon" in line else []
+        if "--out" in words and words[words.index("--out") + 1].rstrip("/") == f"results/{study}":
+            found.append(line)
     return found
 
 
@@ -113,10 +110,19 @@ def page(study: str, commands: list[str], src: Path, rows: list[dict], commit: s
 
 
 def export(study: str, doc: str, commit: str, out_root: Path) -> None:
+    """Write the study's page folder.  A study exported before keeps its manifest (the raw files
+    and the commit that holds them) and its commands: re-exporting regenerated reports from
+    restored runs changes the page, not what the raw files are."""
     src, out = ROOT / "results" / study, out_root / study
+    kept = {name: (out / name).read_text() for name in ("manifest.json",) if (out / name).exists()}
+    if not doc and (out / "index.md").exists():
+        doc = "\n".join(f"```bash\n{block}```" for block in
+                        re.findall(r"^```bash\n(.*?)^```", (out / "index.md").read_text(), flags=re.S | re.M))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    for name, text in kept.items():
+        (out / name).write_text(text)
     for figure in [*src.glob("report/*.png"), *src.glob("*.png"), *src.glob("report/*.csv"), *src.glob("*.csv"),
                    *src.glob("report/table1.md")]:
         shutil.copy2(figure, out / figure.name)
@@ -125,18 +131,21 @@ def export(study: str, doc: str, commit: str, out_root: Path) -> None:
         (out / "runs.json").write_text(json.dumps(rows, indent=1) + "\n")
     if (src / "sweep.json").exists():
         shutil.copy2(src / "sweep.json", out / "sweep.json")
-    (out / "manifest.json").write_text(json.dumps(manifest(study, commit), indent=1) + "\n")
+    if "manifest.json" not in kept:
+        (out / "manifest.json").write_text(json.dumps(manifest(study, commit), indent=1) + "\n")
+    commit = json.loads((out / "manifest.json").read_text())["commit"]
     (out / "index.md").write_text(page(study, study_commands(doc, study), src, rows, commit))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", nargs="*", help="study folders under results/ (default: all)")
-    parser.add_argument("--commands", default="RESULTS.md", help="the doc whose bash blocks hold the studies' commands")
+    parser.add_argument("--commands", default="", help="a doc whose bash blocks hold the studies' commands "
+                        "(default: those of each study's existing page)")
     parser.add_argument("--out", default="docs/results", help="where the pages go")
     args = parser.parse_args()
     commit = git("rev-parse", "HEAD").strip()
-    doc = (ROOT / args.commands).read_text()
+    doc = (ROOT / args.commands).read_text() if args.commands else ""
     studies = args.studies or sorted(p.name for p in (ROOT / "results").iterdir() if p.is_dir())
     for study in studies:
         export(study, doc, commit, ROOT / args.out)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from manifold_muon.lab.archive import shell_lines
 from manifold_muon.lab.cli import _csv, _split_overrides, build_parser
 from manifold_muon.lab.config import TrainConfig, make_config
 from manifold_muon.optim.allocation import PRESETS
@@ -47,20 +48,13 @@ def docs_commands() -> list[list[str]]:
     """Every ``manifold-muon`` (or ``-m manifold_muon``) command line of the docs' bash blocks,
     as the argv after the program name, with ``NAME="..."`` shell variables of a block expanded."""
     commands = []
-    for block in code_blocks("bash"):
-        variables: dict[str, str] = {}
-        for line in block.splitlines():
-            assignment = re.fullmatch(r'([A-Z0-9_]+)="(.*)"', line.strip())
-            if assignment:
-                variables[assignment[1]] = assignment[2]
-                continue
-            line = re.sub(r"\$([A-Z0-9_]+)", lambda m: variables.get(m[1], m[0]), line)
-            words = shlex.split(line, comments=True)
-            for start, word in enumerate(words):
-                if (word == "manifold-muon" and words[start - 1:start] != ["install"]) or (
-                        word == "manifold_muon" and words[start - 1] == "-m"):
-                    commands.append(words[start + 1:])
-                    break
+    for line in shell_lines(DOCS_TEXT):
+        words = shlex.split(line, comments=True)
+        for start, word in enumerate(words):
+            if (word == "manifold-muon" and words[start - 1:start] != ["install"]) or (
+                    word == "manifold_muon" and words[start - 1] == "-m"):
+                commands.append(words[start + 1:])
+                break
     return commands
 
 

@@ -4,6 +4,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from scipy import stats as scipy_stats
 import pytest
 from PIL import Image
 
@@ -132,7 +133,9 @@ def test_report_from_small_real_runs(data_dir, tmp_path):
     assert rows["hetero"]["attention"] == "Stiefel" and rows["hetero"]["mlp"] == "DGram"
     assert rows["unconstrained"]["attention"] == "None (Muon)"
     finals = [json.loads((out / f"hetero-s{s}" / "summary.json").read_text())["final_val_loss"] for s in (1, 2)]
-    assert rows["hetero"]["final_val_loss"] == f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}"
+    half = scipy_stats.t.ppf(0.975, 1) * np.std(finals, ddof=1) / np.sqrt(2)   # the 95% t interval of two seeds
+    mean = np.mean(finals)
+    assert rows["hetero"]["final_val_loss"] == f"{mean:.4f} [{mean - half:.4f}, {mean + half:.4f}]"
     assert rows["hetero"]["result"] == "stable (2/2)"
     assert rows["all-dgram"]["result"] == "unstable (1/1; s1: early_termination @ 8)"
     # the mechanism column: Stiefel attention keeps sigma_max at 1 in both seeds; Muon's grows from its init
@@ -140,11 +143,16 @@ def test_report_from_small_real_runs(data_dir, tmp_path):
     sigma, entropy = rows["unconstrained"]["attention_mechanism"].split(", ")
     assert sigma != "σ 1" and 0 < float(entropy.split()[1].split("–")[0]) <= np.log(16)   # context 16
     assert "| hetero | Stiefel | DGram | 2 |" in (path.parent / "table1.md").read_text()
-    # the seed-gap test: hetero vs unconstrained, both with two seeds
+    # the comparison: hetero vs unconstrained, both with two seeds, Welch's interval as scipy gives it
     others = [json.loads((out / f"unconstrained-s{s}" / "summary.json").read_text())["final_val_loss"] for s in (1, 2)]
+    welch = scipy_stats.ttest_ind(finals, others, equal_var=False)
+    low, high = welch.confidence_interval(0.95)
     gap = np.mean(finals) - np.mean(others)
-    spread = max(max(finals) - min(finals), max(others) - min(others))
-    assert f"| hetero - unconstrained | improved | 2 / 2 | {gap:+.4f} | {spread:.4f} |" in text
+    verdict = "inconclusive" if low <= 0 <= high else ("a lower loss for a" if high < 0 else "a higher loss for a")
+    cell = f"{gap:+.4f} [{low:+.4f}, {high:+.4f}]" + (", inconclusive" if verdict == "inconclusive" else "")
+    assert f"| hetero − unconstrained | improved | 2 / 2 | {cell} | {verdict} | {welch.pvalue:.3f} |" in text
+    assert "## Scale" in text and "share in manifold-managed matrices" in text
+    assert "per-batch validation losses, the subset's standard error is" in text
     # the causal chain: every run has a row, the early-terminated one first with its divergence
     assert "## The causal chain" in text and "](fig5_causal_chain.png)" in text
     chain_lines = [line for line in text.splitlines() if line.startswith("| ") and "stages)" in line]
@@ -177,7 +185,7 @@ def test_sweep_compares_modes_with_everything_else_identical(data_dir, tmp_path)
     # one seed per mode: the bare difference of the two final losses, marked as untested
     finals = {m: json.loads((out / f"hetero-{m}-s1" / "summary.json").read_text())["final_val_loss"]
               for m in ("paper", "improved")}
-    assert cells[5] == f"{finals['improved'] - finals['paper']:+.4f} (too few seeds to test)"
+    assert cells[5] == f"{finals['improved'] - finals['paper']:+.4f} (no interval: fewer than 2 seeds a side)"
     paper_attn, improved_attn = cells[6], cells[7]
     # the improved directions are tangent (violation ~1e-7), the paper's are not
     assert float(improved_attn.split("/")[1]) < 1e-5 < float(paper_attn.split("/")[1])
@@ -312,14 +320,16 @@ def test_seed_gaps_pair_unconstrained_muon_run_in_one_mode_with_each_mode_of_the
               ("all-dgram", "paper"): [6.70, 6.90], ("hetero", "improved"): [5.60, 5.61]}
     results = [{"allocation": a, "mode": m, "final_val_loss": v} for (a, m), vs in finals.items() for v in vs]
     rows = {(r["pair"], r["mode"]): r for r in gap_rows(tmp_path, results)}
-    assert rows[("hetero-wd - unconstrained", "improved / paper")]["gap"] == f"{5.56 - 5.61:+.4f}"
-    assert rows[("unconstrained-no-wd - unconstrained", "paper")]["seeds"] == "2 / 2"
-    assert rows[("unconstrained-no-wd - all-dgram", "paper")]["gap"] == f"{6.45 - 6.80:+.4f}"
-    assert rows[("unconstrained-no-wd - all-dgram", "paper / improved")]["gap"] == f"{6.45 - 6.44:+.4f}"
-    assert rows[("hetero-wd - hetero", "improved")]["verdict"] == "larger than the spread, seeds separated"
+    assert rows[("hetero-wd − unconstrained", "improved / paper")]["difference"].startswith(f"{5.56 - 5.61:+.4f} [")
+    assert rows[("unconstrained-no-wd − unconstrained", "paper")]["seeds"] == "2 / 2"
+    assert rows[("unconstrained-no-wd − all-dgram", "paper")]["difference"].startswith(f"{6.45 - 6.80:+.4f} [")
+    assert rows[("unconstrained-no-wd − all-dgram", "paper / improved")]["difference"].startswith(f"{6.45 - 6.44:+.4f} [")
+    # two seeds a side: a range that does not overlap is still no evidence of a difference
+    assert rows[("hetero-wd − hetero", "improved")]["verdict"] == "inconclusive"
+    assert rows[("unconstrained-no-wd − unconstrained", "paper")]["verdict"] == "a higher loss for a"
     # a constrained allocation never pairs across modes, and no pair is counted twice
-    assert not any(r["pair"] == "hetero-wd - hetero" and r["mode"] != "improved" for r in rows.values())
-    assert ("hetero - unconstrained", "improved / paper") in rows
+    assert not any(r["pair"] == "hetero-wd − hetero" and r["mode"] != "improved" for r in rows.values())
+    assert ("hetero − unconstrained", "improved / paper") in rows
     assert len(rows) == len(gap_rows(tmp_path, results)) == 6
 
 

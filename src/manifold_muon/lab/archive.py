@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 from pathlib import Path
 
-__all__ = ["STUDIES_DIR", "list_studies", "read_manifest", "restore_study", "verify_study"]
+__all__ = ["STUDIES_DIR", "list_studies", "read_manifest", "restore_study", "verify_study", "shell_lines"]
 
 STUDIES_DIR = Path("docs/results")
 
@@ -54,3 +55,18 @@ def restore_study(study: str, root: Path = Path(".")) -> dict:
     if bad:
         raise RuntimeError(f"{len(bad)} restored file(s) do not match the manifest's sha256: {bad[:5]}")
     return manifest
+
+
+def shell_lines(markdown: str) -> list[str]:
+    """Every line of the Markdown's bash blocks, with the blocks' ``NAME="..."`` variables
+    expanded (the study pages and docs write long sweep commands that way)."""
+    lines = []
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.S | re.M):
+        variables: dict[str, str] = {}
+        for line in block.splitlines():
+            assignment = re.fullmatch(r'([A-Z0-9_]+)="(.*)"', line.strip())
+            if assignment:
+                variables[assignment[1]] = assignment[2]
+                continue
+            lines.append(re.sub(r"\$([A-Z0-9_]+)", lambda m: variables.get(m[1], m[0]), line))
+    return lines

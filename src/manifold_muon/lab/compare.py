@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from .analysis import finite_values, mechanism_peaks
+from .stats import format_difference, welch_difference
 from .config import config_from_dict, config_to_dict
 from .figures import plot_comparison
 from ..optim.dual import DIRECTION_MODES
@@ -103,6 +104,7 @@ def compare_rows(sweep_dirs: list[Path], allocations=None) -> tuple[list[str], l
                 "runs": [r["run"] for r in runs], "seeds": len(runs), "unstable": sum(not r["stable"] for r in runs),
                 "final_val_loss": _mean([r["final_val_loss"] for r in runs]),
                 "final_val_std": _std([r["final_val_loss"] for r in runs]),
+                "finals": finite_values([r["final_val_loss"] for r in runs]),
                 **{k: _mean([p[k] for p in peaks]) for k in ("sigma_max", "logit", "entropy")}})
         rows.append(row)
     return settings, labels, rows
@@ -123,6 +125,23 @@ def _markdown(labels: list[str], rows: list[dict]) -> str:
     columns = [("allocation", "Allocation"), ("mode", "Mode")] + [(i, label) for i, label in enumerate(labels)]
     cells = [{"allocation": r["allocation"], "mode": r["mode"], **{i: _cell(e) for i, e in enumerate(r["sweeps"])}}
              for r in rows]
+    return markdown_table(cells, columns)
+
+
+def _differences(labels: list[str], rows: list[dict]) -> str:
+    """Each later sweep against the first, per allocation and mode: the difference in mean final
+    val loss with its 95% Welch interval (inconclusive where it contains zero)."""
+    columns = [("allocation", "Allocation"), ("mode", "Mode")] + [(i, f"{label} − {labels[0]}")
+                                                                  for i, label in enumerate(labels) if i]
+    cells = []
+    for r in rows:
+        first = r["sweeps"][0]
+        row = {"allocation": r["allocation"], "mode": r["mode"]}
+        for i, entry in enumerate(r["sweeps"]):
+            if i:
+                row[i] = ("-" if entry is None or first is None or not entry["finals"] or not first["finals"]
+                          else format_difference(welch_difference(entry["finals"], first["finals"]), 3))
+        cells.append(row)
     return markdown_table(cells, columns)
 
 
@@ -163,12 +182,16 @@ def build_comparison(sweep_dirs, out_dir, allocations=None) -> Path:
               if settings else "The sweeps' training settings are identical; columns are named by directory.")
     text = f"""# Comparison: {', '.join(d.name for d in sweep_dirs)}
 
-{differ} Each cell is the final val loss (mean ± std over seeds where there are
+{differ} Each cell is the final val loss (mean ± standard deviation over seeds where there are
 several; how many seeds the classifier of `manifold_muon.lab.stability` called unstable), then in
 parentheses the run's largest attention sigma_max / largest attention logit |z| / lowest
 attention entropy (nats), each the mean over seeds of the run's extreme.
 
 {_markdown(labels, rows)}
+Differences from `{sweep_dirs[0].name}` in mean final val loss, with 95% Welch intervals
+(inconclusive: the interval contains zero; no interval with fewer than two seeds a side):
+
+{_differences(labels, rows)}
 ![Comparison]({fig})
 
 {made_by}

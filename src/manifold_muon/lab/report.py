@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import (CHAIN, CHAIN_LABELS, GAP_PAIRS, causal_chain, divergence_iter, finite_values, health_curve,
-                       mechanism_peaks, seed_gap)
+                       mechanism_peaks)
 from .diagnostics import module_group
 from .figures import make_figures, plot_causal_chains
 from ..optim.allocation import PRESETS
+from .comparisons import DIFFERENCE_COLUMNS, context_rows, difference_row, validation_noise
 from .stability import DEFAULT_THRESHOLDS
+from .stats import format_difference, mean_interval, welch_difference
 from .sweep import collect_results
 
 __all__ = ["build_report", "table_rows", "format_table", "gap_rows", "chain_rows", "mode_rows", "markdown_table"]
@@ -47,12 +49,14 @@ def _constraint(run_dir: Path, group: str) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
+    """The mean over seeds and its 95% t interval (a lone seed: its value)."""
     values = finite_values(values)
     if not values:
         return "-"
     if len(values) == 1:
         return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    mean, half = mean_interval(values)
+    return f"{mean:.4f} [{mean - half:.4f}, {mean + half:.4f}]"
 
 
 def _by_variant(out_dir: Path, results: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -114,9 +118,14 @@ COLUMNS = [("allocation", "Allocation"), ("mode", "Mode"), ("attention", "Attent
            ("result", "Result"), ("attention_mechanism", "Attention: peak σ_max, lowest entropy (nats)")]
 
 
+def _cell(value) -> str:
+    """A table cell: pipes escaped (``max|z|`` would split the row), newlines flattened."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(t for _, t in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(str(r[k]) for k, _ in columns) + " |\n" for r in rows)
+    head = "| " + " | ".join(_cell(t) for _, t in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(_cell(r[k]) for k, _ in columns) + " |\n" for r in rows)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -141,9 +150,9 @@ def _runs_for_mode(variants: dict, allocation: str, mode: str) -> tuple[str, lis
 
 
 def gap_rows(out_dir, results: list[dict]) -> list[dict]:
-    """For each pair of :data:`GAP_PAIRS` present with two or more seeds (per mode; a mode-free
-    allocation pairs with every mode): the gap in final val loss against the seed-to-seed
-    spread (:func:`manifold_muon.lab.analysis.seed_gap`)."""
+    """For each pair of :data:`GAP_PAIRS` present (per mode; a mode-free allocation pairs with
+    every mode): the difference in mean final val loss with its 95% Welch interval and verdict
+    (:func:`manifold_muon.lab.comparisons.difference_row`)."""
     variants = _by_variant(Path(out_dir), results)
     rows, seen = [], set()
     for mode in _modes(results):
@@ -152,20 +161,15 @@ def gap_rows(out_dir, results: list[dict]) -> list[dict]:
             if found_a is None or found_b is None or (a, found_a[0], b, found_b[0]) in seen:
                 continue
             seen.add((a, found_a[0], b, found_b[0]))
-            g = seed_gap([r["final_val_loss"] for r in found_a[1]], [r["final_val_loss"] for r in found_b[1]])
-            if g is None:
-                continue
-            verdict = ("larger than the spread" + (", seeds separated" if g["separated"] else "")
-                       if g["exceeds_spread"] else "within the spread")
             modes = found_a[0] if found_a[0] == found_b[0] else f"{found_a[0]} / {found_b[0]}"
-            rows.append({"pair": f"{a} - {b}", "mode": modes, "seeds": f"{g['n_a']} / {g['n_b']}",
-                         "gap": f"{g['gap']:+.4f}", "spread": f"{g['spread']:.4f}",
-                         "stds": f"{g['std_a']:.4f} / {g['std_b']:.4f}", "verdict": verdict})
+            row = difference_row(f"{a} − {b}", modes, [r["final_val_loss"] for r in found_a[1]],
+                                 [r["final_val_loss"] for r in found_b[1]])
+            if row is not None:
+                rows.append(row)
     return rows
 
 
-GAP_COLUMNS = [("pair", "Pair (a - b)"), ("mode", "Mode"), ("seeds", "Seeds"), ("gap", "Gap in mean final val loss"),
-               ("spread", "Seed spread (max range)"), ("stds", "Std a / b"), ("verdict", "Gap is")]
+GAP_COLUMNS = DIFFERENCE_COLUMNS
 
 
 def chain_rows(out_dir, results: list[dict], *, factor: float = 2.0) -> list[tuple[dict, dict]]:
@@ -223,16 +227,12 @@ def mode_rows(out_dir, results: list[dict]) -> list[dict]:
 
 
 def _mode_gap_text(improved: list, paper: list) -> str:
-    """Improved minus paper in mean final loss, tested against the seed spread where both modes
-    have two finite seeds; with fewer, the bare difference (still worth reading, not testable)."""
+    """Improved minus paper in mean final loss with its 95% Welch interval (with fewer than two
+    seeds a side, the bare difference, which no interval backs)."""
     improved, paper = finite_values(improved), finite_values(paper)
     if not improved or not paper:
         return "-"
-    gap = seed_gap(improved, paper)
-    if gap is None:
-        return f"{np.mean(improved) - np.mean(paper):+.4f} (too few seeds to test)"
-    verdict = "larger than" if gap["exceeds_spread"] else "within"
-    return f"{gap['gap']:+.4f} ({verdict} the spread {gap['spread']:.4f})"
+    return format_difference(welch_difference(improved, paper), 4)
 
 
 MODE_COLUMNS = [("allocation", "Allocation"), ("paper_val", "Paper: final val"), ("paper_result", "Paper: result"),
@@ -242,69 +242,80 @@ MODE_COLUMNS = [("allocation", "Allocation"), ("paper_val", "Paper: final val"),
                 ("paper_mlp", "Paper MLP: align / viol"), ("improved_mlp", "Improved MLP: align / viol")]
 
 
-def build_report(out_dir) -> Path:
-    """Write ``report.md``, ``table1.md``, ``table1.csv`` and the figures into ``DIR/report/``."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"sweep directory {out_dir} does not exist")
-    results = collect_results(out_dir)
-    if not results:
-        raise ValueError(f"{out_dir} holds no finished run (no */summary.json); run `manifold-muon sweep` first")
-    report_dir = out_dir / "report"
-    report_dir.mkdir(exist_ok=True)
-    rows = table_rows(out_dir, results)
+def _max_iters(out_dir: Path, result: dict) -> int:
+    return json.loads((out_dir / result["run"] / "config.json").read_text())["max_iters"]
+
+
+def _write_table(report_dir: Path, rows: list[dict]) -> str:
     table = format_table(rows)
     (report_dir / "table1.md").write_text(table)
     with open(report_dir / "table1.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    figs = make_figures(out_dir, results, report_dir)
-    cfg = json.loads((out_dir / results[0]["run"] / "config.json").read_text())
-    chains = chain_rows(out_dir, results)
-    chain_fig = plot_causal_chains(out_dir, chains, report_dir / "fig5_causal_chain.png", start_iter=cfg["warmup_iters"])
+    return table
+
+
+def _head(out_dir: Path, results: list[dict], cfg: dict, table: str) -> str:
+    """The setup, the study's scale beside the paper's, Table 1 and the comparisons."""
     m = cfg["model"]
     tokens = cfg["batch_size"] * cfg["grad_accum"] * m["block_size"]
     thresholds = ", ".join(f"{k}={v}" for k, v in DEFAULT_THRESHOLDS.items())
     modes = _modes(results)
     gaps = gap_rows(out_dir, results)
     gap_text = (markdown_table(gaps, GAP_COLUMNS) if gaps else
-                "No pair of the compared allocations has two or more seeds with finite final losses.\n")
-    sections = [f"""# Report: {out_dir.name}
+                "None of the compared pairs of allocations is in this sweep.\n")
+    seeds = sorted({len(runs) for runs in _by_variant(out_dir, results).values()})
+    context = markdown_table(context_rows(out_dir, results), [("what", ""), ("here", "This study"), ("paper", "The paper")])
+    return f"""# Report: {out_dir.name}
 
 Setup: preset `{cfg['preset']}`, {m['arch']} with {m['n_layer']} layers, d={m['n_embd']}, {m['n_head']} heads,
 context {m['block_size']}; {cfg['max_iters']} iterations of {tokens:,} tokens (per process); data `{cfg['data_dir']}`;
 direction solver mode(s): {', '.join(f'`{x}`' for x in modes)}. Only the allocation{' and the mode' if len(modes) > 1 else ''}
-(and the seed) differ between runs.
+(and the seed) differ between runs. Seeds per row: {', '.join(map(str, seeds))}.
+
+## Scale
+
+{context}
+The manifolds act on the attention and MLP matrices only; where they are a small share of the
+parameters (a large vocabulary on a narrow model), the geometry's effect on the loss is diluted.
 
 ## Table 1
 
 {table}
-Final val loss is the last evaluation; mean ± std over seeds where there are several.
-Stability: the classifier of `manifold_muon.lab.stability` (thresholds: {thresholds}); it reads
+Final val loss is the last evaluation: the mean over seeds and its 95% t interval (one seed: its
+value). Stability: the classifier of `manifold_muon.lab.stability` (thresholds: {thresholds}); it reads
 the loss only. The last column is the paper's mechanism, over the run (range over seeds): the
 largest attention σ_max and the lowest attention entropy (min over layers; the uniform
 distribution over the context has log(context) nats). An entropy near 0 is an attention
 collapse, which can stall the loss without a spike and so pass as stable.
 
-## Is the gap larger than the seed-to-seed spread?
+## Comparisons
 
 {gap_text}
-The spread is the larger range (max - min over seeds) of the two allocations; with few seeds
-this is a rough test, not a p-value.
-"""]
-    if len(modes) > 1:
-        sections.append(f"""## Paper mode vs improved mode
+Each difference is of mean final val loss with its 95% Welch interval; **inconclusive** means
+the interval contains zero: the seeds cannot tell the two apart, which is not evidence that they
+are equal. "Detectable at 80% power" is the smallest true difference a two-sided t test at
+these seeds' pooled spread would find four times in five: differences well below it are out of
+this sweep's reach. {validation_noise(out_dir, results)}
+"""
+
+
+def _mode_section(out_dir: Path, results: list[dict]) -> str:
+    return f"""## Paper mode vs improved mode
 
 {markdown_table(mode_rows(out_dir, results), MODE_COLUMNS)}
 align: the direction's alignment `<G,A>/||G||_*`, mean over the run's diagnostics and the
 group's matrices, and in parentheses the same for the direction made feasible (projected onto the
 tangent space, rescaled to spectral norm 1: the fair comparison for paper mode; runs logged
 before it existed have none); viol: the largest tangent violation `RMS(P(sym(W^T A)))` seen.
-Improved - paper: the difference of mean final val losses, tested against the seed spread
-where each mode has two or more seeds.
-""")
-    sections.append(f"""## Figure 1: validation loss
+Improved - paper: the difference of mean final val losses with its 95% Welch interval
+(inconclusive where it contains zero; no interval with fewer than two seeds a side).
+"""
+
+
+def _figure_sections(figs: dict) -> list[str]:
+    sections = [f"""## Figure 1: validation loss and final losses
 
 ![Figure 1]({figs['fig1']})
 
@@ -315,13 +326,17 @@ where each mode has two or more seeds.
 ## Mechanism diagnostics
 
 ![Mechanism]({figs['fig3']})
-""")
+"""]
     if "fig4" in figs:
         sections.append(f"""## Direction quality over training
 
 ![Direction quality]({figs['fig4']})
 """)
-    sections.append(f"""## The causal chain
+    return sections
+
+
+def _chain_section(cfg: dict, chains, chain_fig) -> str:
+    return f"""## The causal chain
 
 Onset iteration of each stage, against the run's own value at the end of warmup (iteration
 {cfg['warmup_iters']}): the logit scale doubling, attention sigma_max growing by sqrt(2) (a logit's bound
@@ -335,6 +350,28 @@ sampled every `diag_interval` iterations). Stable runs are shown too, as control
 
 Files: [table1.md](table1.md), [table1.csv](table1.csv); per run: `eval.jsonl`, `metrics.jsonl`,
 `diagnostics.jsonl`, `spectral.bin` (+ `spectral.json`), `summary.json`.
-""")
+"""
+
+
+def build_report(out_dir) -> Path:
+    """Write ``report.md``, ``table1.md``, ``table1.csv`` and the figures into ``DIR/report/``."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {out_dir} does not exist")
+    results = collect_results(out_dir)
+    if not results:
+        raise ValueError(f"{out_dir} holds no finished run (no */summary.json); run `manifold-muon sweep` first")
+    report_dir = out_dir / "report"
+    report_dir.mkdir(exist_ok=True)
+    table = _write_table(report_dir, table_rows(out_dir, results))
+    cfg = json.loads((out_dir / results[0]["run"] / "config.json").read_text())
+    figs = make_figures(out_dir, results, report_dir, max_iters=max(_max_iters(out_dir, r) for r in results))
+    chains = chain_rows(out_dir, results)
+    chain_fig = plot_causal_chains(out_dir, chains, report_dir / "fig5_causal_chain.png", start_iter=cfg["warmup_iters"])
+    sections = [_head(out_dir, results, cfg, table)]
+    if len(_modes(results)) > 1:
+        sections.append(_mode_section(out_dir, results))
+    sections += _figure_sections(figs)
+    sections.append(_chain_section(cfg, chains, chain_fig))
     (report_dir / "report.md").write_text("\n".join(sections))
     return report_dir / "report.md"

@@ -17,7 +17,7 @@ import queue
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -183,6 +183,42 @@ def _check_data(configs) -> None:
         TokenData.load(data_dir, block_size=block_size, vocab_size=vocab_size)
 
 
+class _StepProgress:
+    """One progress bar over every training step of a sweep's runs in flight, with its ETA: each
+    poll reads how far each run's ``metrics.jsonl`` has grown (new lines only), so the bar moves
+    with the steps, not once per finished run."""
+
+    def __init__(self, max_iters: dict[str, int], bar):
+        self.bar, self.runs = bar, {Path(d): [n, 0, 0] for d, n in max_iters.items()}   # [max_iters, offset, steps]
+        self.done: list[str] = []
+
+    def poll(self) -> None:
+        moved = 0
+        for run_dir, state in self.runs.items():
+            log = run_dir / "metrics.jsonl"
+            if not log.is_file():
+                continue
+            with open(log, "rb") as f:
+                f.seek(state[1])
+                chunk = f.read()
+            state[1] += len(chunk)
+            new = min(chunk.count(b"\n"), state[0] - state[2])
+            state[2] += new
+            moved += new
+        if moved:
+            self.bar.update(moved)
+        active = [d.name for d, (n, _, k) in self.runs.items() if 0 < k < n]
+        self.bar.set_postfix_str(f"{len(self.done)}/{len(self.runs)} runs done; running: {', '.join(active[:3])}"
+                                 + (" ..." if len(active) > 3 else ""), refresh=False)
+
+    def finished(self, name: str, ok: bool) -> None:
+        self.done.append(name if ok else f"{name} (failed)")
+        for run_dir, state in self.runs.items():
+            if run_dir.name == name and ok and state[2] < state[0]:   # resumed runs log only their remaining steps
+                self.bar.update(state[0] - state[2])
+                state[2] = state[0]
+
+
 def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *, overrides: dict[str, str] | None = None,
               modes: list[str] | None = None, jobs: int = 1, quiet: bool = False) -> list[dict]:
     """Run the sweep and return its results; raises if any run failed (after running the rest).
@@ -239,15 +275,21 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
                     free_gpus.put(gpu)
         return run_dir.name, code
 
+    steps = {o["out_dir"]: cfg.max_iters for o, cfg in unfinished}
     failed = []
     with ThreadPoolExecutor(max_workers=jobs) as pool, \
-            tqdm(total=len(todo), desc="sweep", unit="run", disable=quiet) as bar:
-        for future in as_completed([pool.submit(launch, o) for o in todo]):  # report in finishing order
-            name, code = future.result()
-            bar.update()
-            bar.set_postfix_str(f"{name} {'ok' if code == 0 else f'failed ({code})'}")
-            if code != 0:
-                failed.append(name)
+            tqdm(total=sum(steps.values()), desc="sweep", unit="step", disable=quiet) as bar:
+        progress = _StepProgress(steps, bar)
+        pending = {pool.submit(launch, o) for o in todo}
+        while pending:
+            done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+            progress.poll()
+            for future in done:   # report in finishing order
+                name, code = future.result()
+                progress.finished(name, ok=code == 0)
+                if code != 0:
+                    failed.append(name)
+        progress.poll()
     results = collect_results(out_dir)
     if failed:
         raise RuntimeError(f"run(s) {', '.join(failed)} failed; see their train.log. Run the same sweep again to "

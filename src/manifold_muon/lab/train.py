@@ -191,7 +191,7 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, it: int) -> dict:
-        """Mean loss over ``eval_iters`` batches per split.  The batches are a fixed set, the same
+        """Mean loss over ``eval_iters`` batches per split, and the validation loss of each batch.  The batches are a fixed set, the same
         at every evaluation of every run (whatever its seed), drawn from their own generator: curves
         and runs then differ by the model alone, not by which tokens were scored (random batches
         per evaluation made a 4k-token val loss jump by 0.2 nats), and evaluation never consumes
@@ -200,14 +200,17 @@ class Trainer:
         out = {"iter": it}
         for split in ("train", "val"):
             gen = torch.Generator().manual_seed(EVAL_SEED)
-            total = torch.zeros((), device=self.device)
+            losses = []
             for _ in range(self.cfg.eval_iters):
                 offsets = self.sampler.global_offsets(split, self.cfg.batch_size * self.world, gen)
                 x, y = self.sampler.windows(split, offsets[self.rank:: self.world])
                 with self.autocast:
                     _, loss = self.net(x.to(self.device), y.to(self.device))
-                total += loss.float()
-            out[f"{split}_loss"] = _mean_across_ranks(total / self.cfg.eval_iters, self.world).item()
+                losses.append(loss.float())
+            per_batch = _mean_across_ranks(torch.stack(losses), self.world)
+            out[f"{split}_loss"] = per_batch.mean().item()
+            if split == "val":   # the fixed subset's own sampling noise, which seeds do not show
+                out["val_batch_losses"] = per_batch.tolist()
         out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
         self.net.train()
         return out
