@@ -360,3 +360,8 @@ def test_the_library_ships_the_papers_five_and_the_plans_nine_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert eval(out[0]) == sorted(PAPER + SEED_PLAN)   # the lab's variants arrive only with the lab
     assert eval(out[1]) == sorted(["none", "stiefel", "dgram", "dgram-svd", "oblique", "spectral"])
+
+
+def test_an_invalid_rule_pattern_is_refused_naming_the_rule():
+    with pytest.raises(ValueError, match=r"rule pattern 'attn\.\(c_attn' is not a valid regular expression"):
+        Rule(r"attn.(c_attn", "muon", "stiefel")
