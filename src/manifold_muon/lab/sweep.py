@@ -219,6 +219,26 @@ class _StepProgress:
                 state[2] = state[0]
 
 
+def _run_all(todo: list[dict], launch, jobs: int, max_iters: dict[str, int], quiet: bool) -> list[str]:
+    """Launch every run, ``jobs`` at a time, with one progress bar over their training steps;
+    the names of the runs that failed."""
+    failed = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool, \
+            tqdm(total=sum(max_iters.values()), desc="sweep", unit="step", disable=quiet) as bar:
+        progress = _StepProgress(max_iters, bar)
+        pending = {pool.submit(launch, o) for o in todo}
+        while pending:
+            done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+            progress.poll()
+            for future in done:   # report in finishing order
+                name, code = future.result()
+                progress.finished(name, ok=code == 0)
+                if code != 0:
+                    failed.append(name)
+        progress.poll()
+    return failed
+
+
 def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *, overrides: dict[str, str] | None = None,
               modes: list[str] | None = None, jobs: int = 1, quiet: bool = False) -> list[dict]:
     """Run the sweep and return its results; raises if any run failed (after running the rest).
@@ -275,21 +295,7 @@ def run_sweep(preset: str, allocations: list[str], seeds: list[int], out_dir, *,
                     free_gpus.put(gpu)
         return run_dir.name, code
 
-    steps = {o["out_dir"]: cfg.max_iters for o, cfg in unfinished}
-    failed = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool, \
-            tqdm(total=sum(steps.values()), desc="sweep", unit="step", disable=quiet) as bar:
-        progress = _StepProgress(steps, bar)
-        pending = {pool.submit(launch, o) for o in todo}
-        while pending:
-            done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
-            progress.poll()
-            for future in done:   # report in finishing order
-                name, code = future.result()
-                progress.finished(name, ok=code == 0)
-                if code != 0:
-                    failed.append(name)
-        progress.poll()
+    failed = _run_all(todo, launch, jobs, {o["out_dir"]: cfg.max_iters for o, cfg in unfinished}, quiet)
     results = collect_results(out_dir)
     if failed:
         raise RuntimeError(f"run(s) {', '.join(failed)} failed; see their train.log. Run the same sweep again to "
