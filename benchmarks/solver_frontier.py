@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -42,10 +40,8 @@ from manifold_muon.lab.data import BatchSampler, TokenData
 from manifold_muon.lab.model import GPT
 from manifold_muon.optim import ManifoldMuon, get_manifold, msign, resolve, solve_direction
 from manifold_muon.optim.dual import repaired_alignment, singular_values
+from manifold_muon.lab.decompositions import DecompositionRecorder
 from manifold_muon.optim.manifolds import as_tall
-
-sys.path.insert(0, str(Path(__file__).parent))
-from decompositions import DecompositionRecorder  # noqa: E402
 
 SETTINGS = [("fast", None), ("improved", 2), ("improved", 8), ("improved", 32), ("improved", None), ("paper", None)]
 

@@ -33,6 +33,20 @@ def test_direction_quality_on_random_token_momenta(tmp_path):
         assert 0 < r["of_bound"] <= 1 + 1e-3, r   # a feasible direction cannot beat the certified dual bound
 
 
+def test_solver_frontier_measures_every_mode_against_a_valid_bound(tmp_path, data_dir):
+    out = run_script("solver_frontier.py", "--widths", "32", "--steps", "2", "--synthetic", "12x4",
+                     "--data_dir", str(data_dir), "--out", str(tmp_path))
+    assert "| fast |" in out
+    (path,) = tmp_path.glob("solver_frontier_*_cpu.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"fast", "improved, cap 2", "improved, cap 8", "improved, cap 32",
+                                           "improved", "improved, warm", "paper"}
+    for r in rows:
+        assert 0 < r["quality"] <= 1 + 1e-3, r   # feasible directions cannot beat the certified bound
+        if r["setting"] == "fast":
+            assert r["flops_per_msign"] <= 1.5 and r["decompositions"] == []
+
+
 def test_direction_quality_refuses_a_malformed_spec(tmp_path):
     message = refusal(ROOT / "benchmarks" / "direction_quality.py", "--random-tokens", "tiny-cpu:hetero",
                       "--out", tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import (CHAIN, CHAIN_LABELS, CHAIN_SIGNALS, baseline, health_curve, mechanism_curve, sigma_max_curve,
+from .analysis import (CHAIN, CHAIN_SIGNALS, baseline, health_curve, mechanism_curve, sigma_max_curve,
                        val_curve)
 
 __all__ = ["make_figures", "plot_causal_chains", "plot_comparison", "shrink_png", "allocation_colour"]
