@@ -37,7 +37,8 @@ def difference_row(pair: str, mode: str, a: list[float], b: list[float]) -> dict
               if len(a) > 1 and len(b) > 1 else math.nan)
     detectable = min_detectable_difference(pooled, len(a), len(b))
     verdict = d.verdict if d.verdict == "inconclusive" or not math.isfinite(d.low) else f"{d.verdict} loss for a"
-    return {"pair": pair, "mode": mode, "seeds": f"{len(a)} / {len(b)}", "difference": format_difference(d, 4),
+    difference = format_difference(d, 4) if math.isfinite(d.low) else f"{d.estimate:+.4f}"   # the verdict says why
+    return {"pair": pair, "mode": mode, "seeds": f"{len(a)} / {len(b)}", "difference": difference,
             "verdict": verdict, "p": "-" if math.isnan(d.p_value) else f"{d.p_value:.3f}",
             "detectable": "-" if math.isnan(detectable) else f"{detectable:.4f}"}
 
