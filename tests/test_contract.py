@@ -199,6 +199,18 @@ def test_bad_hyperparameters_are_refused_naming_the_key(config):
             ManifoldMuon(groups(net, *config, **bad))
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_a_one_element_tensor_lr_steps_as_the_number_does(config):
+    net, opt = fresh(config)
+    twin = copy.deepcopy(net)
+    twin_opt = ManifoldMuon(groups(twin, *config))
+    for group in twin_opt.param_groups:
+        group["lr"] = torch.tensor(group["lr"])
+    # torch's AdamW takes another arithmetic path for a tensor lr: equal to rounding, not bitwise
+    for a, b in zip(take_steps(net, opt, 0, 2), take_steps(twin, twin_opt, 0, 2)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_adamw_steps_saved_as_numbers_load_and_step():
     net, opt = fresh(("adamw", "none", "improved"))
     take_steps(net, opt, 0, 2)

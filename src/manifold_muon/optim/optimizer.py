@@ -367,7 +367,7 @@ class ManifoldMuon(torch.optim.Optimizer):
     def _apply(group, manifold, stack: _Stack, a: torch.Tensor) -> torch.Tensor:
         """The stack's new weights: decay, the step, then the retraction (out of place: the
         solver's result keeps the old weights for its statistics)."""
-        lr, wd, w = group["lr"], group["weight_decay"], stack.w
+        lr, wd, w = float(group["lr"]), float(group["weight_decay"]), stack.w   # a one-element tensor lr too
         if wd:
             w = w * (1 - lr * wd)
         w = torch.add(w, a.to(w.dtype), alpha=-lr * _lr_scale(group["adjust_lr"], w.shape))

@@ -194,6 +194,8 @@ def _check_choices(group: dict) -> None:
 def _check_params(group: dict) -> None:
     manifold = get_manifold(group["manifold"])
     for p in group["params"]:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"ManifoldMuon optimizes tensors; a param group holds a {type(p).__name__}")
         if p.is_complex():
             raise TypeError(f"ManifoldMuon supports real parameters only, got one of dtype {p.dtype} and shape "
                             f"{tuple(p.shape)}; view it as real pairs with torch.view_as_real, or optimize it elsewhere")
