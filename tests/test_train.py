@@ -11,7 +11,8 @@ import torch
 from manifold_muon.lab.config import apply_overrides, make_config
 from manifold_muon.lab.model import GPT, ModelConfig
 from manifold_muon.optim import PAPER_ALLOCATIONS, resolve
-from manifold_muon.lab.runio import atomic_save, read_jsonl
+from manifold_muon.lab.checkpoints import load_checkpoint, save_checkpoint
+from manifold_muon.lab.runio import read_jsonl
 from manifold_muon.lab.train import Trainer, train
 from conftest import VOCAB, free_port
 
@@ -75,7 +76,7 @@ def test_killed_run_resumes_with_bitwise_identical_losses(data_dir, tmp_path):
 
 def test_crash_mid_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    atomic_save({"iter": 4}, path)
+    save_checkpoint({"iter": 4}, path)
 
     def torn_save(obj, f):
         f.write(b"half a checkpoint")
@@ -83,9 +84,9 @@ def test_crash_mid_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(KeyboardInterrupt):
-        atomic_save({"iter": 8}, path)
+        save_checkpoint({"iter": 8}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True) == {"iter": 4}
+    assert load_checkpoint(path) == {"iter": 4} and not list(tmp_path.glob("*.tmp"))
 
 
 def test_nonfinite_step_changes_nothing_and_is_logged(data_dir, tmp_path):

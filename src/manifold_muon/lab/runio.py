@@ -1,5 +1,5 @@
-"""Run-directory IO: atomic checkpoints, line-flushed JSONL logs, the environment record, and
-packed logs.
+"""Run-directory IO: files replaced whole (write, sync, rename), line-flushed JSONL logs, the
+environment record, and packed logs.
 
 Packing (``manifold-muon pack``) xz-compresses a finished run's bulky logs in place
 (``PACKED_LOGS``: ``spectral.bin`` -> ``spectral.bin.xz`` ...), for committing results and for
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "at_float32_precision", "JsonlLog", "read_jsonl", "read_log_bytes", "environment", "write_json", "PACKED_LOGS",
+__all__ = ["at_float32_precision", "JsonlLog", "read_jsonl", "read_log_bytes", "environment", "write_json", "PACKED_LOGS",
            "pack_run", "unpack_run", "replace_file"]
 
 # The logs that grow with the run's length: together 85% of a committed run's bytes.  The
@@ -63,13 +63,6 @@ def _jsonl_at_float32_precision(data: bytes) -> bytes:
         except json.JSONDecodeError:  # a torn last line: left as it was
             lines.append(line)
     return "".join(line + "\n" for line in lines).encode()
-
-
-def atomic_save(obj, path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename: a crash mid-write leaves the
-    previous checkpoint intact (rename is atomic on POSIX filesystems)."""
-    with _replaced_whole(Path(path)) as f:
-        torch.save(obj, f)
 
 
 def write_json(path, obj) -> None:

@@ -133,8 +133,9 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, it: int) -> dict:
-        """Mean loss over ``eval_iters`` batches per split, and the validation loss of each batch.  The batches are a fixed set, the same
-        at every evaluation of every run (whatever its seed), drawn from their own generator: curves
+        """Mean loss over ``eval_iters`` batches per split, and the validation loss of each batch.
+        The batches are a fixed set, the same at every evaluation of every run (whatever its
+        seed), drawn from their own generator: curves
         and runs then differ by the model alone, not by which tokens were scored (random batches
         per evaluation made a 4k-token val loss jump by 0.2 nats), and evaluation never consumes
         or depends on the training stream."""
